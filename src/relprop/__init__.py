@@ -1,0 +1,23 @@
+"""relprop: Layer-wise Relevance Propagation for any PyTorch model, in one backward pass."""
+
+from .composites import PRESETS, Composite, LayerInfo, make_composite
+from .errors import (
+    CompositeError,
+    InputError,
+    RelpropError,
+    TargetError,
+    TraceError,
+    UnsupportedOperationError,
+)
+from .explain import Explainer, Explanation, explain
+from .ledger import Ledger, LedgerEntry
+from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
+
+__all__ = [
+    "PRESETS", "Composite", "LayerInfo", "make_composite",
+    "CompositeError", "InputError", "RelpropError", "TargetError", "TraceError",
+    "UnsupportedOperationError",
+    "Explainer", "Explanation", "explain", "Ledger", "LedgerEntry",
+    "LRP0", "AlphaBeta", "Epsilon", "Flat", "Gamma", "Rule", "WSquare", "ZBox", "ZPlus",
+]
+__version__ = "0.1.0"

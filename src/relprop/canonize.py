@@ -1,0 +1,119 @@
+"""Graph passes: from a traced graph to one every node of which has a rule family.
+
+Each pass takes the fx graph (with OpSpecs in `node.meta["relprop"]`) and
+changes it in place; they run in the order of `canonize`.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from .layers import AffineKernel
+from .optable import Kind, OpSpec, classify, functionalize, node_location
+from .errors import UnsupportedOperationError
+
+SPEC = "relprop"
+
+
+def spec(node: fx.Node) -> OpSpec | None:
+    return node.meta.get(SPEC)
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+def mark_dynamic(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on a model input (only these need rules)."""
+    dynamic: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in dynamic for a in _node_args(node)):
+            dynamic.add(node)
+    return dynamic
+
+
+def classify_nodes(graph: fx.Graph, root: nn.Module, dynamic: set[fx.Node]) -> None:
+    """Attach an OpSpec to every computing node that depends on the input."""
+    for node in graph.nodes:
+        if node in dynamic and node.op in ("call_function", "call_method"):
+            node.meta[SPEC] = classify(node, root)
+            s = node.meta[SPEC]
+            if s.product and sum(a in dynamic for a in _node_args(node)) > 1:
+                raise UnsupportedOperationError(
+                    f"product of two input-dependent tensors at {node_location(node)}: "
+                    "multiplicative interactions need a gate rule, which this op lacks")
+        elif node in dynamic and node.op == "call_module":
+            raise UnsupportedOperationError(f"module call left at {node_location(node)}")
+
+
+def fold_batchnorm(graph: fx.Graph) -> None:
+    """Merge eval-mode BatchNorm into the dense/conv layer that feeds only it."""
+    for node in list(graph.nodes):
+        s = spec(node)
+        if s is None or s.kind is not Kind.BATCHNORM:
+            continue
+        producer = node.args[0]
+        ps = spec(producer) if isinstance(producer, fx.Node) else None
+        if ps is None or ps.kind is not Kind.LAYER or len(producer.users) != 1:
+            continue
+        if ps.kernel.kind == "affine" or len(producer.args) != 3:
+            continue
+        producer.args = (*producer.args, *node.args[1:])
+        ps.bn_eps = s.bn_eps
+        ps.label = f"{ps.label}+{s.label}"
+        ps.folded = s.path or node.name
+        node.replace_all_uses_with(producer)
+        graph.erase_node(node)
+
+
+def batchnorm_as_affine(graph: fx.Graph) -> None:
+    """BatchNorm with no layer to fold into becomes a per-channel affine layer."""
+    for node in graph.nodes:
+        s = spec(node)
+        if s is not None and s.kind is Kind.BATCHNORM:
+            x, mean, var, gamma, beta = node.args
+            node.args = (x, None, None, mean, var, gamma, beta)
+            s.kind = Kind.LAYER
+            s.kernel = AffineKernel(channel_dim=1)
+
+
+def mark_nonneg(graph: fx.Graph, dynamic: set[fx.Node]) -> set[fx.Node]:
+    """Nodes whose output is provably >= 0 (lets rules skip the x- terms)."""
+    nonneg: set[fx.Node] = set()
+    for node in graph.nodes:
+        s = spec(node)
+        if s is None:
+            continue
+        if s.nonneg == "always":
+            nonneg.add(node)
+        elif s.nonneg == "preserve":
+            args = _node_args(node)
+            dyn = [a for a in args if a in dynamic]
+            numbers = [a for a in node.args if isinstance(a, int | float) and not
+                       isinstance(a, bool)]
+            binary = s.kind is Kind.PROPORTIONAL and len(node.args) >= 2 and (
+                numbers or any(a not in dynamic for a in args))
+            if dyn and all(a in nonneg for a in dyn) and not binary:
+                nonneg.add(node)
+    return nonneg
+
+
+def positive_only(node: fx.Node) -> bool:
+    """True if every consumer zeroes its gradient where this node's output is <= 0."""
+    users = list(node.users)
+    return bool(users) and all(
+        spec(u) is not None and spec(u).zero_below and u.args[0] is node for u in users)
+
+
+def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True) -> set[fx.Node]:
+    """Run all passes; returns the set of input-dependent nodes."""
+    if functional:
+        functionalize(graph, root)
+    dynamic = mark_dynamic(graph)
+    classify_nodes(graph, root, dynamic)
+    fold_batchnorm(graph)
+    batchnorm_as_affine(graph)
+    graph.eliminate_dead_code()
+    return mark_dynamic(graph)

@@ -1,0 +1,363 @@
+"""Explainer, explain() and Explanation: the public entry points.
+
+explain(x, target) = one forward pass through the rewritten model, a seed at
+the output (which output, and how much relevance it starts with) and one
+backward pass; several targets share the forward and run as one batched
+backward (autograd's is_grads_batched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .composites import Composite, make_composite
+from .errors import InputError, RelpropError, TargetError, TraceError
+from .ledger import Ledger, build_ledger, per_sample
+from .program import Program, RunResult
+from .rules import stabilize
+from .trace import trace_export, trace_fx
+
+Target = int | Sequence[int] | Tensor | None
+STARTS = ("value", "one", "softmax")
+
+
+@dataclass
+class Explanation:
+    """The result of one explanation.
+
+    relevance: like x, or (B, K, *x.shape[1:]) for a list of K targets (a tuple
+    of these for a model with several inputs). output: the model's output.
+    target: (B,) or (B, K) indices into the flattened output. explained: the
+    relevance put at the output per sample (and target). layers / ledger: with
+    record=True.
+    """
+
+    relevance: Tensor | tuple[Tensor, ...]
+    output: Tensor
+    target: Tensor
+    explained: Tensor
+    composite: str
+    layers: dict[str, Tensor] | None = None
+    _ledger: Ledger | None = field(default=None, repr=False)
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            raise RelpropError("no ledger: explain with record=True to keep per-node relevance")
+        return self._ledger
+
+
+class Explainer:
+    """Explains one model with one composite; traces once, reused for every batch.
+
+    Parameters of the composite (`epsilon`, `gamma`, `alpha`, `beta`, `low`,
+    `high`, `bias`, `top_k`, `stabilizer`) are keywords. The model is never
+    modified: no hooks, no parameter swaps, no change of train/eval mode.
+    Explanations always use inference semantics (dropout off, BatchNorm with
+    running statistics), whatever mode the model is in.
+    """
+
+    def __init__(self, model: nn.Module, composite: str | Composite = "epsilon_gamma_box", *,
+                 record: bool = False, **params: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.composite = make_composite(composite, **params)
+        self.record = record
+        self._program: Program | None = None
+        self._fx_error: TraceError | None = None
+        with preserved(model):
+            try:
+                self._program = Program.build(trace_fx(model), self.composite)
+            except TraceError as exc:
+                self._fx_error = exc
+
+    @property
+    def program(self) -> Program:
+        if self._program is None:
+            raise RelpropError(f"not traced yet: {self._fx_error}")
+        return self._program
+
+    def _ensure_program(self, inputs: tuple[Tensor, ...]) -> Program:
+        if self._program is None:
+            self._program = Program.build(trace_export(self.model, inputs), self.composite)
+        return self._program
+
+    def __call__(self, x: Tensor | tuple[Tensor, ...], target: Target = None,
+                 **kwargs: Any) -> Explanation:
+        return self.explain(x, target, **kwargs)
+
+    def explain(self, x: Tensor | tuple[Tensor, ...], target: Target = None, *,
+                output_relevance: Tensor | None = None, start: str = "value",
+                record: bool | None = None, batch_size: int | None = None,
+                progress: bool = False) -> Explanation:
+        """Relevance of every input feature for the chosen output(s)."""
+        record = self.record if record is None else record
+        inputs = _check_inputs(x)
+        if start not in STARTS:
+            raise RelpropError(f"start={start!r}: choose one of {', '.join(STARTS)}")
+        if batch_size is not None:
+            return self._explain_chunked(inputs, target, output_relevance, start, record,
+                                         batch_size, progress, single=isinstance(x, Tensor))
+        with preserved(self.model), torch.inference_mode(False), torch.enable_grad():
+            expl = self._explain(inputs, target, output_relevance, start, record)
+        if isinstance(x, Tensor):
+            expl.relevance = expl.relevance[0]
+        return expl
+
+    def _explain(self, inputs: tuple[Tensor, ...], target: Target,
+                 output_relevance: Tensor | None, start: str, record: bool) -> Explanation:
+        program = self._ensure_program(inputs)
+        leaves = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+        run = program.run(list(leaves), record=record)
+        output = run.output
+        if not isinstance(output, Tensor):
+            raise RelpropError(f"the model returned {type(output).__name__}, not a tensor; "
+                               "wrap it so that it returns the tensor to explain")
+        batch = inputs[0].shape[0]
+        if output.dim() == 0 or output.shape[0] != batch:
+            raise RelpropError(f"the output has shape {tuple(output.shape)}; expected the batch "
+                               f"size {batch} first")
+        flat = output.reshape(batch, -1)
+        index, multi = _resolve_target(target, flat, output_relevance)
+        seeds = _seeds(flat, index, start, output_relevance)  # (K, B, N)
+        explained = (seeds * flat.detach()).sum(-1).T  # (B, K)
+        sink_ids = list(run.sinks)
+        wrt = [*leaves, *(run.sinks[i] for i in sink_ids)]
+        K = seeds.shape[0]
+        layers = ledger = None
+        if record:
+            results = []
+            for k in range(K):
+                grads = torch.autograd.grad(flat, wrt, seeds[k], retain_graph=k < K - 1,
+                                            allow_unused=True)
+                rel = _relevance(leaves, grads, sink_ids, run)
+                led, lay = build_ledger(program, run, dict(zip(sink_ids, grads[len(leaves):],
+                                                               strict=True)),
+                                        batch, explained[:, k],
+                                        sum(per_sample(r, batch) for r in rel))
+                results.append((rel, led, lay))
+                run.recording.out_grads.clear()
+                run.recording.edge_grads.clear()
+                for t in run.recording.tallies.values():
+                    t.bias = t.stabiliser = None
+            relevance = tuple(torch.stack([r[0][p] for r in results], 1)
+                              for p in range(len(leaves)))
+            layers = {name: torch.stack([r[2][name] for r in results], 1)
+                      for name in results[0][2]}
+            ledger = results[0][1] if K == 1 else _stack_ledgers([r[1] for r in results])
+        elif K == 1:
+            grads = torch.autograd.grad(flat, wrt, seeds[0], allow_unused=True)
+            relevance = tuple(r.unsqueeze(1) for r in _relevance(leaves, grads, sink_ids, run))
+        else:
+            grads = torch.autograd.grad(flat, wrt, seeds, is_grads_batched=True,
+                                        allow_unused=True)
+            relevance = tuple(r.movedim(0, 1)
+                              for r in _relevance(leaves, grads, sink_ids, run, batched=True))
+        if not multi:
+            relevance = tuple(r.squeeze(1) for r in relevance)
+            index, explained = index[:, 0], explained[:, 0]
+            if layers is not None:
+                layers = {k: v.squeeze(1) for k, v in layers.items()}
+        return Explanation(relevance=relevance, output=output.detach(), target=index,
+                           explained=explained, composite=self.composite.name,
+                           layers=layers, _ledger=ledger)
+
+    def _explain_chunked(self, inputs, target, output_relevance, start, record, batch_size,
+                         progress, single):
+        total = inputs[0].shape[0]
+        if batch_size < 1:
+            raise InputError(f"batch_size={batch_size}: must be at least 1")
+        parts = []
+        chunks = range(0, total, batch_size)
+        for lo in _progress(chunks, progress, total, batch_size):
+            sl = slice(lo, lo + batch_size)
+            t = target[sl] if isinstance(target, Tensor) and target.dim() > 0 else target
+            o = output_relevance[sl] if output_relevance is not None else None
+            part = self.explain(tuple(x[sl] for x in inputs), t, output_relevance=o, start=start,
+                                record=record)
+            parts.append(part)
+        rel = tuple(torch.cat([p.relevance[i] for p in parts]) for i in range(len(inputs)))
+        layers = None
+        if record:
+            layers = {k: torch.cat([p.layers[k] for p in parts]) for k in parts[0].layers}
+        return Explanation(relevance=rel[0] if single else rel,
+                           output=torch.cat([p.output for p in parts]),
+                           target=torch.cat([p.target for p in parts]),
+                           explained=torch.cat([p.explained for p in parts]),
+                           composite=self.composite.name, layers=layers)
+
+
+def explain(model: nn.Module, x: Tensor | tuple[Tensor, ...], target: Target = None, *,
+            composite: str | Composite = "epsilon", output_relevance: Tensor | None = None,
+            start: str = "value", record: bool = False, batch_size: int | None = None,
+            **params: Any) -> Explanation:
+    """One-shot: build an Explainer and explain x (build an Explainer to reuse the trace)."""
+    return Explainer(model, composite, **params).explain(
+        x, target, output_relevance=output_relevance, start=start, record=record,
+        batch_size=batch_size)
+
+
+# ----------------------------------------------------------------- helpers
+
+def _check_inputs(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    inputs = (x,) if isinstance(x, Tensor) else tuple(x)
+    for i, t in enumerate(inputs):
+        name = "x" if len(inputs) == 1 else f"input {i}"
+        if not isinstance(t, Tensor):
+            raise InputError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise InputError(f"{name} has dtype {t.dtype}; relevance needs a floating-point "
+                             "input (convert with .float())")
+        if t.dim() == 0:
+            raise InputError(f"{name} is a scalar; give a batch (B, ...) of inputs")
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+            raise InputError(f"{name} contains NaN or Inf (first at index {tuple(bad)})")
+    if len({t.shape[0] for t in inputs}) > 1:
+        raise InputError("all inputs must have the same batch size")
+    return inputs
+
+
+def _resolve_target(target: Target, flat: Tensor,
+                    output_relevance: Tensor | None) -> tuple[Tensor, bool]:
+    batch, n = flat.shape
+    device = flat.device
+    if output_relevance is not None:
+        if target is not None:
+            raise TargetError("give either target= or output_relevance=, not both")
+        return torch.full((batch, 1), -1, dtype=torch.long, device=device), False
+    if target is None:
+        return flat.detach().argmax(1, keepdim=True), False
+    multi = False
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise TargetError(f"target tensor has dtype {target.dtype}; give class indices "
+                              "(torch.long)")
+        t = target.to(device=device, dtype=torch.long)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.dim() == 1 and t.shape[0] != batch:
+            raise TargetError(f"target has shape {tuple(target.shape)}; expected ({batch},), "
+                              "one index per sample")
+        if t.dim() == 2:
+            if t.shape[0] != batch:
+                raise TargetError(f"target has shape {tuple(target.shape)}; expected "
+                                  f"({batch}, K)")
+            multi = True
+        elif t.dim() > 2:
+            raise TargetError(f"target has shape {tuple(target.shape)}; expected (B,) or (B, K)")
+        index = t if t.dim() == 2 else t[:, None]
+    elif isinstance(target, bool):
+        raise TargetError("target must be an int, a list of ints or a LongTensor, not a bool")
+    elif isinstance(target, int):
+        index = torch.full((batch, 1), target, dtype=torch.long, device=device)
+    elif isinstance(target, Sequence) and target and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in target):
+        index = torch.tensor(list(target), dtype=torch.long, device=device).expand(batch, -1)
+        multi = True
+    else:
+        raise TargetError(f"target={target!r}: give None (predicted class), an int, a list of "
+                          "ints or a LongTensor")
+    bad = (index < 0) | (index >= n)
+    if bad.any():
+        v = index[bad][0].item()
+        raise TargetError(f"target {v} is out of range: the model has {n} outputs "
+                          f"(valid targets 0..{n - 1})")
+    return index, multi
+
+
+def _seeds(flat: Tensor, index: Tensor, start: str,
+           output_relevance: Tensor | None) -> Tensor:
+    """c at the output for each target: (K, B, N). Relevance there is c * output."""
+    out = flat.detach()
+    batch = out.shape[0]
+    if output_relevance is not None:
+        r = output_relevance.to(out).reshape(batch, -1) if output_relevance.numel() == \
+            out.numel() else None
+        if r is None:
+            raise TargetError(f"output_relevance has shape {tuple(output_relevance.shape)}; "
+                              f"expected the output's shape {tuple(out.shape)}")
+        if ((out == 0) & (r != 0)).any():
+            raise TargetError("output_relevance puts relevance on an output whose value is 0; "
+                              "relevance cannot start there in gradient form")
+        return (r / torch.where(out == 0, 1.0, out))[None]
+    one_hot = torch.zeros((index.shape[1], *out.shape), dtype=out.dtype, device=out.device)
+    one_hot.scatter_(2, index.T[:, :, None], 1.0)
+    if start == "value":
+        return one_hot
+    scale = 1.0 / stabilize(out, 1e-12)
+    if start == "softmax":
+        scale = scale * out.softmax(1)
+    return one_hot * scale
+
+
+def _relevance(leaves: tuple[Tensor, ...], grads: Sequence[Tensor | None], sink_ids: list[int],
+               run: RunResult, batched: bool = False) -> tuple[Tensor, ...]:
+    rel = []
+    for p, x in enumerate(leaves):
+        g = grads[p]
+        r = x.detach() * g if g is not None else torch.zeros(
+            ((grads[0].shape[0],) if batched else ()) + x.shape, dtype=x.dtype)
+        for j, layer_step in enumerate(sink_ids):
+            if run.sink_sources[layer_step] == _placeholder_step(run, p):
+                sg = grads[len(leaves) + j]
+                if sg is not None:
+                    r = r + sg
+        rel.append(r.detach())
+    return tuple(rel)
+
+
+def _placeholder_step(run: RunResult, p: int) -> int:
+    return run.placeholder_steps[p]
+
+
+def _stack_ledgers(ledgers: list[Ledger]) -> Ledger:
+    from .ledger import LedgerEntry
+
+    entries = []
+    for parts in zip(*(lg.entries for lg in ledgers), strict=True):
+        e = parts[0]
+        entries.append(LedgerEntry(
+            e.node, e.op, e.path, e.rule,
+            *(torch.stack([getattr(q, f) for q in parts], 1)
+              for f in ("relevance_in", "relevance_out", "bias", "stabiliser"))))
+    return Ledger(entries, torch.stack([lg.explained for lg in ledgers], 1),
+                  torch.stack([lg.at_input for lg in ledgers], 1))
+
+
+def _progress(chunks: range, show: bool, total: int, batch_size: int) -> Iterator[int]:
+    if not show:
+        yield from chunks
+        return
+    import sys
+
+    n = len(chunks)
+    for i, lo in enumerate(chunks):
+        yield lo
+        done = min(lo + batch_size, total)
+        bar = "#" * int(30 * (i + 1) / n)
+        print(f"\rexplaining {done}/{total} [{bar:<30}]", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Guarantee the model leaves as it came: train/eval flags and requires_grad restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            if m.training != mode:
+                m.training = mode
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)

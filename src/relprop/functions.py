@@ -1,0 +1,109 @@
+"""Custom autograd Functions: the same forward value, the rule's backward.
+
+Autograd carries c = R / a (relevance divided by the activation), so that
+relevance at any tensor a is a * grad(a), and operations whose rule is the
+gradient itself (ReLU, max pooling, reshapes, concatenation, scaling by a
+constant) need nothing special. The Functions below are the places where the
+rule differs from the gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .rules import BoundLayer, Incoming, Rule, Tally, safe_divide, stabilize
+
+
+class LayerRuleFunction(torch.autograd.Function):
+    """A linear-like layer whose backward is an LRP rule.
+
+    `sink` is given when the layer reads a model input directly: relevance the
+    rule hands out directly (z-box, flat, w-square, bias distribution) then
+    reaches the input exactly, even where the input is zero. Without a sink
+    such relevance is converted back to gradient form, R / x, which loses what
+    lands on zero-valued inputs (the ledger reports it).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, sink: Tensor | None, layer: BoundLayer, rule: Rule,
+        tally: Tally | None,
+    ) -> Tensor:
+        z, state = rule.forward(layer, x)
+        ctx.save_for_backward(x, z, *state)
+        ctx.layer, ctx.rule, ctx.tally, ctx.has_sink = layer, rule, tally, sink is not None
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, z, *state = ctx.saved_tensors
+        layer: BoundLayer = ctx.layer
+        incoming = Incoming(grad=grad, z=z, top_k=layer.top_k)
+        out = ctx.rule.backward(layer, x, z, tuple(state), incoming, ctx.tally)
+        grad_x, grad_sink = out.grad, None
+        if out.relevance is not None:
+            if ctx.has_sink:
+                grad_sink = out.relevance if grad_x is None else out.relevance + x * grad_x
+                grad_x = None
+            else:
+                direct = safe_divide(out.relevance, x)
+                grad_x = direct if grad_x is None else grad_x + direct
+        return grad_x, grad_sink, None, None, None
+
+
+class StabilisedRatio(torch.autograd.Function):
+    """Identity forward; backward multiplies by z / stab(z).
+
+    Placed after a sum-like operation (x + y, sum, mean, average pooling) it
+    turns the plain gradient into the proportional rule with stabiliser:
+    R_i = x_i * R_z / stab(z).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, epsilon: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.epsilon = epsilon
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (z,) = ctx.saved_tensors
+        return grad * z / stabilize(z, ctx.epsilon), None
+
+
+class IdentityRule(torch.autograd.Function):
+    """Element-wise non-linearity y = f(x) that passes relevance on unchanged: R_x = R_y.
+
+    In gradient form c_x = c_y * f(x) / x, exact wherever x != 0 (where x = 0
+    the input carries no relevance in gradient form, whatever c_x is).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        y = fn(x)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        x, y = ctx.saved_tensors
+        return grad * safe_divide(y, x), None
+
+
+class Tap(torch.autograd.Function):
+    """Identity that stores the gradient passing through it (for recording relevance)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, store: dict, key: Any) -> Tensor:  # type: ignore[override]
+        ctx.store, ctx.key = store, key
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        prev = ctx.store.get(ctx.key)
+        ctx.store[ctx.key] = grad if prev is None else prev + grad
+        return grad, None, None

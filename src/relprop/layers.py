@@ -1,0 +1,174 @@
+"""Linear-like layers as rules see them: a forward map, its transpose, its weights.
+
+Every layer a rule can act on is z = W x + b for some linear map W: a dense
+layer, a convolution, or a per-channel affine map (BatchNorm that could not be
+folded). A `Kernel` knows how to apply W (with any modified weight) and its
+transpose; `LayerWeights` holds the detached weight and bias together with the
+modified copies rules ask for, computed once and reused while the parameters
+do not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Kernel(Protocol):
+    """The linear map of a layer, parameterised by a (possibly modified) weight."""
+
+    kind: str
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor: ...
+
+    def transpose(self, s: Tensor, w: Tensor, x: Tensor) -> Tensor: ...
+
+    def bias_like(self, b: Tensor, z: Tensor) -> Tensor: ...
+
+    def scale_outputs(self, w: Tensor, scale: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class LinearKernel:
+    """Dense layer acting on the last dimension: z = x W^T + b."""
+
+    kind: str = "linear"
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return F.linear(x, w, b)
+
+    def transpose(self, s: Tensor, w: Tensor, x: Tensor) -> Tensor:
+        return s.matmul(w)
+
+    def bias_like(self, b: Tensor, z: Tensor) -> Tensor:
+        return b
+
+    def scale_outputs(self, w: Tensor, scale: Tensor) -> Tensor:
+        return w * scale[:, None]
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class ConvKernel:
+    """N-d convolution with zero padding (grouped and depthwise included)."""
+
+    ndim: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    kind: str = "conv"
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return _CONV[self.ndim](x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def transpose(self, s: Tensor, w: Tensor, x: Tensor) -> Tensor:
+        # The input-gradient half of convolution_backward is exactly W^T s.
+        return torch.ops.aten.convolution_backward(
+            s, x, w, None, list(self.stride), list(self.padding), list(self.dilation),
+            False, [0] * self.ndim, self.groups, [True, False, False],
+        )[0]
+
+    def bias_like(self, b: Tensor, z: Tensor) -> Tensor:
+        return b.view(-1, *([1] * self.ndim))
+
+    def scale_outputs(self, w: Tensor, scale: Tensor) -> Tensor:
+        return w * scale.view(-1, *([1] * (w.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class AffineKernel:
+    """Per-channel scale and shift (BatchNorm in eval mode that had no layer to fold into)."""
+
+    channel_dim: int = 1
+    kind: str = "affine"
+
+    def _view(self, v: Tensor, like: Tensor) -> Tensor:
+        shape = [1] * like.dim()
+        shape[self.channel_dim] = -1
+        return v.view(shape)
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        z = x * self._view(w, x)
+        return z if b is None else z + self._view(b, x)
+
+    def transpose(self, s: Tensor, w: Tensor, x: Tensor) -> Tensor:
+        return s * self._view(w, s)
+
+    def bias_like(self, b: Tensor, z: Tensor) -> Tensor:
+        return self._view(b, z)
+
+    def scale_outputs(self, w: Tensor, scale: Tensor) -> Tensor:
+        return w * scale
+
+
+def fold_batchnorm(
+    kernel: Kernel,
+    w: Tensor,
+    b: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Merge an eval-mode BatchNorm that follows a layer into that layer's weight and bias."""
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = scale * gamma
+    bias = -mean if b is None else b - mean
+    bias = bias * scale
+    if beta is not None:
+        bias = bias + beta
+    return kernel.scale_outputs(w, scale), bias
+
+
+class LayerWeights:
+    """A layer's detached weight and bias, with modified copies made on first use.
+
+    Rules ask for `w+`, `w-`, `w^2`, `1` (flat), `w+gamma*w+`, and the matching
+    bias parts by name; each is computed once per parameter version.
+    """
+
+    def __init__(self, w: Tensor, b: Tensor | None) -> None:
+        self.w = w
+        self.b = b
+        self._cache: dict[tuple, Tensor | None] = {}
+
+    def weight(self, mod: str, gamma: float = 0.0) -> Tensor:
+        key = ("w", mod, gamma)
+        if key not in self._cache:
+            self._cache[key] = _modify(self.w, mod, gamma)
+        return self._cache[key]  # type: ignore[return-value]
+
+    def bias(self, mod: str, gamma: float = 0.0) -> Tensor | None:
+        if self.b is None:
+            return None
+        key = ("b", mod, gamma)
+        if key not in self._cache:
+            self._cache[key] = _modify(self.b, mod, gamma)
+        return self._cache[key]
+
+
+def _modify(t: Tensor, mod: str, gamma: float) -> Tensor:
+    if mod == "plain":
+        return t
+    if mod == "pos":
+        return t.clamp(min=0)
+    if mod == "neg":
+        return t.clamp(max=0)
+    if mod == "square":
+        return t * t
+    if mod == "ones":
+        return torch.ones_like(t)
+    if mod == "gamma_pos":  # w + gamma * w+
+        return t + gamma * t.clamp(min=0)
+    if mod == "gamma_neg":  # w + gamma * w-
+        return t + gamma * t.clamp(max=0)
+    raise KeyError(mod)

@@ -1,0 +1,136 @@
+"""Where relevance went: per node, what arrived, what was passed on, what leaked.
+
+Built from a recorded backward pass (record=True). For a linear-like layer the
+leak splits into what its bias absorbed, what its stabiliser absorbed and the
+rest ("other": relevance that landed on zero-valued inputs of rules that hand
+out relevance directly, or at z = 0 in gamma); for sums it is the stabiliser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .optable import Kind
+
+
+def per_sample(t: Tensor, batch: int) -> Tensor:
+    """Sum over everything but the leading batch dimension."""
+    return t.reshape(batch, -1).sum(1)
+
+
+@dataclass
+class LedgerEntry:
+    """The relevance balance of one node (per sample, shape (B,))."""
+
+    node: str
+    op: str
+    path: str
+    rule: str | None
+    relevance_in: Tensor  # arriving at the node's output
+    relevance_out: Tensor  # handed to the node's inputs
+    bias: Tensor  # absorbed by the bias
+    stabiliser: Tensor  # absorbed by the stabiliser
+
+    @property
+    def leaked(self) -> Tensor:
+        return self.relevance_in - self.relevance_out
+
+    @property
+    def other(self) -> Tensor:
+        return self.leaked - self.bias - self.stabiliser
+
+
+class Ledger:
+    """All nodes' balances in forward order, plus the totals."""
+
+    def __init__(self, entries: list[LedgerEntry], explained: Tensor, at_input: Tensor) -> None:
+        self.entries = entries
+        self.explained = explained  # relevance put at the output, per sample
+        self.at_input = at_input  # relevance that reached the inputs, per sample
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, node: str) -> LedgerEntry:
+        for e in self.entries:
+            if e.node == node or e.path == node:
+                return e
+        raise KeyError(node)
+
+    def totals(self) -> dict[str, Tensor]:
+        """Per-sample sums of what biases, stabilisers and the rest absorbed."""
+        zero = torch.zeros_like(self.explained)
+        bias = sum((e.bias for e in self.entries), zero)
+        stab = sum((e.stabiliser for e in self.entries), zero)
+        leaked = sum((e.leaked for e in self.entries), zero)
+        return {"bias": bias, "stabiliser": stab, "other": leaked - bias - stab,
+                "leaked": leaked}
+
+    def table(self, sample: int = 0) -> str:
+        """A text table of one sample's balances."""
+        rows = [f"{'node':<28} {'op':<24} {'rule':<16} {'in':>12} {'out':>12} {'bias':>11} "
+                f"{'stabiliser':>11} {'other':>11}"]
+        for e in self.entries:
+            v = [t[sample].item() for t in (e.relevance_in, e.relevance_out, e.bias,
+                                              e.stabiliser, e.other)]
+            rows.append(f"{e.node[:28]:<28} {e.op[:24]:<24} {(e.rule or '-')[:16]:<16} "
+                        f"{v[0]:>12.5g} {v[1]:>12.5g} {v[2]:>11.3g} {v[3]:>11.3g} {v[4]:>11.3g}")
+        rows.append(f"explained {self.explained[sample].item():.6g}, at input "
+                    f"{self.at_input[sample].item():.6g}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def build_ledger(program, run, sink_grads: dict[int, Tensor], batch: int,
+                 explained: Tensor, at_input: Tensor) -> tuple[Ledger, dict[str, Tensor]]:
+    """Per-node balances and per-node relevance maps from one recorded backward pass."""
+    rec = run.recording
+    entries: list[LedgerEntry] = []
+    layers: dict[str, Tensor] = {}
+    for i, step in enumerate(program.steps):
+        value = rec.values[i]
+        if not step.dynamic or not isinstance(value, Tensor) or step.op == "output":
+            continue
+        grad = rec.out_grads.get(i)
+        r_node = value.detach() * grad if grad is not None else torch.zeros_like(value)
+        if step.op == "placeholder":
+            for layer_step, src in run.sink_sources.items():
+                if src == i and layer_step in sink_grads:
+                    r_node = r_node + sink_grads[layer_step]
+            layers[step.name] = r_node
+            continue
+        if step.kind is Kind.META:
+            continue
+        layers[step.name] = r_node
+        out = torch.zeros(batch, dtype=value.dtype, device=value.device)
+        for key, src in rec.edges.get(i, []):
+            g = rec.edge_grads.get(key)
+            if g is not None:
+                out = out + per_sample(rec.values[src].detach() * g, batch)
+        if i in sink_grads:
+            out = out + per_sample(sink_grads[i], batch)
+        tally = rec.tallies.get(i)
+        zero = torch.zeros_like(out)
+        spec = step.node.meta["relprop"]
+        entries.append(LedgerEntry(
+            node=step.name, op=spec.label, path=spec.path,
+            rule=step.rule.describe() if step.rule is not None else _family(spec.kind),
+            relevance_in=per_sample(r_node, batch), relevance_out=out,
+            bias=tally.bias if tally is not None and tally.bias is not None else zero,
+            stabiliser=tally.stabiliser if tally is not None and tally.stabiliser is not None
+            else zero,
+        ))
+    return Ledger(entries, explained, at_input), layers
+
+
+def _family(kind: Kind) -> str:
+    return {Kind.GRADIENT: "gradient", Kind.PROPORTIONAL: "proportional",
+            Kind.ELEMENTWISE: "identity"}.get(kind, kind.value)

@@ -1,0 +1,419 @@
+"""Which rule family each traced operation belongs to.
+
+Every node that depends on the model input must be known here; anything else
+is an error that names the op and where it sits. Module calls are first
+rewritten into their functional form (`functionalize`), so that `nn.ReLU()`
+and `torch.relu`, `nn.Conv2d` and `F.conv2d` are one and the same node and get
+the same relevance.
+
+Families:
+- LAYER: linear-like with weights (dense, convolution); the composite picks its rule.
+- BATCHNORM: eval-mode BatchNorm; folded into the preceding layer or kept as affine.
+- GRADIENT: the plain gradient is the rule: relevance moves with values
+  (reshape, cat, indexing, max pooling = winner takes all), ReLU (identity
+  rule, which for ReLU is its gradient), scaling by a constant.
+- PROPORTIONAL: sums (x + y, sum, mean, average pooling) split relevance in
+  proportion to the summands, with a small stabiliser.
+- ELEMENTWISE: other element-wise non-linearities (sigmoid, tanh, softmax,
+  ELU, GELU, ...): identity rule, relevance passes unchanged.
+- META: shapes, sizes and other non-tensor values.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import UnsupportedOperationError
+from .layers import ConvKernel, Kernel, LinearKernel
+
+
+class Kind(Enum):
+    LAYER = "layer"
+    BATCHNORM = "batchnorm"
+    GRADIENT = "gradient"
+    PROPORTIONAL = "proportional"
+    ELEMENTWISE = "elementwise"
+    META = "meta"
+
+
+@dataclass
+class OpSpec:
+    """What relprop knows of one graph node."""
+
+    kind: Kind
+    label: str  # human-readable op name, e.g. "Conv2d" or "torch.relu"
+    path: str  # module path the op belongs to ("" = the model itself)
+    fn: Callable[..., Any] | None = None  # forward callable (GRADIENT/PROPORTIONAL/...)
+    kernel: Kernel | None = None  # LAYER
+    layer_type: type | None = None  # LAYER: module class for composite matching
+    zero_below: bool = False  # output and gradient are 0 where the input <= 0 (ReLU)
+    nonneg: str = "never"  # output >= 0: "always", "preserve" (if its inputs are), "never"
+    product: bool = False  # multiplication/division: rule only while one factor is constant
+    bn_eps: float = 1e-5  # BATCHNORM, or a LAYER with a BatchNorm folded in
+    folded: str | None = None  # path of the BatchNorm folded into this LAYER
+
+
+def _identity(x: Any, *args: Any, **kwargs: Any) -> Any:
+    return x
+
+
+def node_path(node: fx.Node) -> str:
+    """The module path a node belongs to, from the tracer's module stack."""
+    if "relprop_path" in node.meta:
+        return node.meta["relprop_path"]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) \
+            else list(stack.keys())[-1]
+    return ""
+
+
+def node_location(node: fx.Node) -> str:
+    """'op X at module path Y (code line)' for error messages."""
+    label = node.meta.get("relprop_label") or _target_name(node)
+    path = node_path(node)
+    where = f" in module '{path}'" if path else " in the model's forward"
+    trace = (node.stack_trace or "").strip().splitlines()
+    code = ""
+    if len(trace) >= 2:
+        code = f" ({trace[-2].strip()}: {trace[-1].strip()})"
+    return f"'{label}' (graph node '{node.name}'){where}{code}"
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return f"Tensor.{t}" if node.op == "call_method" else t
+    mod = getattr(t, "__module__", "") or ""
+    name = getattr(t, "__name__", repr(t))
+    if mod.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if mod == "_operator":
+        return f"operator.{name}"
+    if mod.startswith("torch"):
+        return f"torch.{name}"
+    return f"{mod}.{name}" if mod else name
+
+
+# ---------------------------------------------------------------- functionalize
+
+def _conv_padding(padding: Any, ndim: int, weight_shape: torch.Size | None,
+                  dilation: tuple[int, ...], where: str) -> tuple[int, ...]:
+    if padding == "valid":
+        return (0,) * ndim
+    if padding == "same":
+        if weight_shape is None:
+            raise UnsupportedOperationError(f"padding='same' with a computed weight at {where}")
+        pads = []
+        for k, d in zip(weight_shape[2:], dilation, strict=True):
+            total = d * (k - 1)
+            if total % 2:
+                raise UnsupportedOperationError(
+                    f"padding='same' with an even kernel (asymmetric padding) at {where}")
+            pads.append(total // 2)
+        return tuple(pads)
+    return _ntuple(padding, ndim)
+
+
+def _ntuple(v: Any, n: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(v)
+    return v * n if len(v) == 1 else v
+
+
+_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _params(graph: fx.Graph, node: fx.Node, path: str, *names: str) -> list[fx.Node | None]:
+    out: list[fx.Node | None] = []
+    with graph.inserting_before(node):
+        for name in names:
+            out.append(graph.get_attr(f"{path}.{name}" if path else name))
+    return out
+
+
+def functionalize(graph: fx.Graph, root: nn.Module) -> None:
+    """Rewrite every call_module node into the equivalent call_function node.
+
+    The rewritten graph never calls the user's modules (so their hooks never
+    fire) and reads parameters through get_attr nodes. Raises for modules
+    relprop has no rule for.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = root.get_submodule(node.target)
+        path = str(node.target)
+        node.meta["relprop_path"] = path
+        node.meta["relprop_label"] = type(module).__name__
+        node.meta["relprop_module_type"] = type(module)
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        new = _module_as_function(graph, node, module, path, x)
+        if new is None:
+            raise UnsupportedOperationError(
+                f"no relevance rule for module {node_location(node)} of type "
+                f"{type(module).__module__}.{type(module).__name__}; register one with "
+                "relprop.register_module_rule or treat it as a leaf with a rule"
+            )
+        fn, args, kwargs = new
+        node.op = "call_function"
+        node.target = fn
+        node.args = tuple(args)
+        node.kwargs = kwargs
+
+
+def _module_as_function(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str, x: Any):
+    p = lambda *names: _params(graph, node, path, *names)  # noqa: E731
+    if isinstance(m, nn.Linear):
+        w, = p("weight")
+        b = p("bias")[0] if m.bias is not None else None
+        return F.linear, (x, w, b), {}
+    for cls, nd in _CONV_MODULES.items():
+        if isinstance(m, cls):
+            if m.padding_mode != "zeros":
+                raise UnsupportedOperationError(
+                    f"padding_mode={m.padding_mode!r} at {node_location(node)}: only zero padding "
+                    "has a rule")
+            w, = p("weight")
+            b = p("bias")[0] if m.bias is not None else None
+            pad = m.padding if not isinstance(m.padding, str) else _conv_padding(
+                m.padding, nd, m.weight.shape, m.dilation, node_location(node))
+            return _CONV_FUNCTIONS_BY_NDIM[nd], (x, w, b, m.stride, pad, m.dilation, m.groups), {}
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if not m.track_running_stats or m.running_mean is None:
+            raise UnsupportedOperationError(
+                f"BatchNorm without running statistics at {node_location(node)}: it normalises "
+                "with batch statistics, which has no LRP rule")
+        rm, rv = p("running_mean", "running_var")
+        w = p("weight")[0] if m.weight is not None else None
+        b = p("bias")[0] if m.bias is not None else None
+        return F.batch_norm, (x, rm, rv, w, b, False, 0.0, m.eps), {}
+    simple = _SIMPLE_MODULES.get(type(m))
+    if simple is not None:
+        fn, attrs = simple
+        return fn, (x, *(getattr(m, a) for a in attrs)), {}
+    if isinstance(m, nn.Flatten):
+        return torch.flatten, (x, m.start_dim, m.end_dim), {}
+    if isinstance(m, nn.Unflatten):
+        return torch.unflatten, (x, m.dim, m.unflattened_size), {}
+    if isinstance(m, nn.Softmax):
+        return F.softmax, (x, m.dim), {}
+    if isinstance(m, nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d):
+        nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(m)]
+        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+        return fn, (x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                    m.return_indices), {}
+    if isinstance(m, nn.AvgPool1d):
+        return F.avg_pool1d, (x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                              m.count_include_pad), {}
+    if isinstance(m, nn.AvgPool2d | nn.AvgPool3d):
+        fn = F.avg_pool2d if isinstance(m, nn.AvgPool2d) else F.avg_pool3d
+        return fn, (x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                    m.divisor_override), {}
+    adaptive = {nn.AdaptiveAvgPool1d: F.adaptive_avg_pool1d, nn.AdaptiveAvgPool2d:
+                F.adaptive_avg_pool2d, nn.AdaptiveAvgPool3d: F.adaptive_avg_pool3d,
+                nn.AdaptiveMaxPool1d: F.adaptive_max_pool1d, nn.AdaptiveMaxPool2d:
+                F.adaptive_max_pool2d, nn.AdaptiveMaxPool3d: F.adaptive_max_pool3d}
+    if type(m) in adaptive:
+        extra = (m.return_indices,) if "Max" in type(m).__name__ else ()
+        return adaptive[type(m)], (x, m.output_size, *extra), {}
+    return None
+
+
+_CONV_FUNCTIONS_BY_NDIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+_SIMPLE_MODULES: dict[type, tuple[Callable, tuple[str, ...]]] = {
+    nn.ReLU: (F.relu, ()),
+    nn.LeakyReLU: (F.leaky_relu, ("negative_slope",)),
+    nn.ELU: (F.elu, ("alpha",)),
+    nn.Sigmoid: (torch.sigmoid, ()),
+    nn.Tanh: (torch.tanh, ()),
+    nn.Identity: (_identity, ()),
+    nn.Dropout: (_identity, ()),
+    nn.Dropout1d: (_identity, ()),
+    nn.Dropout2d: (_identity, ()),
+    nn.Dropout3d: (_identity, ()),
+    nn.AlphaDropout: (_identity, ()),
+    nn.FeatureAlphaDropout: (_identity, ()),
+}
+
+
+# ---------------------------------------------------------------- classification
+
+_RELU = {F.relu, torch.relu, torch.relu_, F.relu_}
+_MOVE_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.cat, torch.concat, torch.concatenate, torch.stack,
+    operator.getitem, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    torch.clone, torch.t, torch.split, torch.chunk, torch.unbind, torch.narrow, torch.movedim,
+    torch.unflatten, torch.swapaxes, torch.flip, torch.roll,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d, F.pad, F.leaky_relu, _identity,
+}
+_DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+            F.feature_alpha_dropout}
+_SUM_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub, operator.iadd,
+                  operator.isub, torch.sum, torch.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                  F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+_ELEMENTWISE = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softmax, torch.softmax, F.elu}
+_SCALE = {operator.mul, torch.mul, operator.truediv, torch.div, operator.neg, torch.neg,
+          operator.imul, operator.itruediv}
+_META = {getattr, len}
+_INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
+            operator.imul: operator.mul, operator.itruediv: operator.truediv,
+            torch.relu_: torch.relu, F.relu_: F.relu}
+
+_MOVE_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+    "expand", "expand_as", "repeat", "t", "clone", "chunk", "split", "unflatten", "view_as",
+    "reshape_as", "narrow", "float", "double", "half", "to", "type_as", "unbind", "flip",
+    "movedim", "swapaxes", "detach_",
+}
+_META_METHODS = {"size", "dim", "numel", "__len__", "ndimension", "nelement"}
+_SUM_METHODS = {"add", "add_", "sub", "sub_", "sum", "mean", "__add__", "__sub__"}
+_ELEMENTWISE_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "softmax"}
+_SCALE_METHODS = {"mul", "mul_", "div", "div_", "neg", "__mul__", "__truediv__"}
+_INPLACE_METHODS = {"relu_": "relu", "add_": "add", "sub_": "sub", "mul_": "mul",
+                    "div_": "div", "sigmoid_": "sigmoid", "tanh_": "tanh"}
+
+
+def _method(name: str) -> Callable[..., Any]:
+    def call(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(obj, name)(*args, **kwargs)
+
+    call.__name__ = f"Tensor.{name}"
+    return call
+
+
+def _without_inplace(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("inplace", None)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    sig = _REFERENCE_SIGNATURES[fn]
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _sig(src: Callable) -> inspect.Signature:
+    return inspect.signature(src)
+
+
+def _linear_sig(input, weight, bias=None): ...  # noqa: ANN001, E704
+def _conv_sig(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...  # noqa
+def _bn_sig(input, running_mean, running_var, weight=None, bias=None, training=False,  # noqa
+            momentum=0.1, eps=1e-5): ...
+
+
+_REFERENCE_SIGNATURES = {
+    F.linear: _sig(_linear_sig),
+    **{f: _sig(_conv_sig) for f in _CONV_FUNCTIONS},
+    F.batch_norm: _sig(_bn_sig),
+}
+
+
+def classify(node: fx.Node, root: nn.Module) -> OpSpec:
+    """The OpSpec of a call_function / call_method node that depends on the input.
+
+    Layer and BatchNorm nodes are normalised in place to positional arguments
+    (x, weight, bias) and (x, mean, var, weight, bias).
+    """
+    path = node_path(node)
+    label = node.meta.get("relprop_label") or _target_name(node)
+    if node.op == "call_method":
+        return _classify_method(node, path, label)
+    fn = node.target
+    if fn in _CONV_FUNCTIONS or fn is F.linear:
+        a = _bind(fn, node.args, node.kwargs)
+        if fn is F.linear:
+            kernel: Kernel = LinearKernel()
+            layer_type = node.meta.get("relprop_module_type", nn.Linear)
+        else:
+            nd = _CONV_FUNCTIONS[fn]
+            dilation = _ntuple(a["dilation"], nd)
+            wshape = _static_shape(a["weight"], root)
+            kernel = ConvKernel(nd, _ntuple(a["stride"], nd),
+                                _conv_padding(a["padding"], nd, wshape, dilation,
+                                              node_location(node)),
+                                dilation, int(a["groups"]))
+            layer_type = node.meta.get("relprop_module_type", _CONV_TYPES[nd])
+        node.args, node.kwargs = (a["input"], a["weight"], a["bias"]), {}
+        return OpSpec(Kind.LAYER, label, path, kernel=kernel, layer_type=layer_type)
+    if fn is F.batch_norm:
+        a = _bind(fn, node.args, node.kwargs)
+        node.args = (a["input"], a["running_mean"], a["running_var"], a["weight"], a["bias"])
+        node.kwargs = {}
+        return OpSpec(Kind.BATCHNORM, label, path, bn_eps=float(a["eps"]),
+                      layer_type=node.meta.get("relprop_module_type", nn.BatchNorm2d))
+    fn = _INPLACE.get(fn, fn)
+    if fn in _RELU:
+        return OpSpec(Kind.GRADIENT, label, path, fn=_without_inplace(fn), zero_below=True,
+                      nonneg="always")
+    if fn in _MOVE_FUNCTIONS:
+        nonneg = "never" if fn in (F.leaky_relu, F.pad) else "preserve"
+        return OpSpec(Kind.GRADIENT, label, path, fn=_without_inplace(fn), nonneg=nonneg)
+    if fn in _DROPOUT:
+        return OpSpec(Kind.GRADIENT, label, path, fn=_identity, nonneg="preserve")
+    if fn in _SUM_FUNCTIONS:
+        sub = fn in (operator.sub, torch.sub, operator.isub)
+        return OpSpec(Kind.PROPORTIONAL, label, path, fn=fn,
+                      nonneg="never" if sub else "preserve")
+    if fn in _ELEMENTWISE:
+        always = fn in (torch.sigmoid, F.sigmoid, F.softmax, torch.softmax)
+        return OpSpec(Kind.ELEMENTWISE, label, path, fn=_without_inplace(fn),
+                      nonneg="always" if always else "never")
+    if fn in _SCALE:
+        return OpSpec(Kind.GRADIENT, label, path, fn=fn, product=True)
+    if fn in _META:
+        return OpSpec(Kind.META, label, path, fn=fn)
+    raise UnsupportedOperationError(
+        f"no relevance rule for {node_location(node)}; register one with "
+        "relprop.register_function_rule"
+    )
+
+
+def _classify_method(node: fx.Node, path: str, label: str) -> OpSpec:
+    name = _INPLACE_METHODS.get(node.target, node.target)
+    fn = _method(name)
+    if name == "relu":
+        return OpSpec(Kind.GRADIENT, label, path, fn=fn, zero_below=True, nonneg="always")
+    if name in _MOVE_METHODS:
+        return OpSpec(Kind.GRADIENT, label, path, fn=fn, nonneg="preserve")
+    if name in _META_METHODS:
+        return OpSpec(Kind.META, label, path, fn=fn)
+    if name in _SUM_METHODS:
+        return OpSpec(Kind.PROPORTIONAL, label, path, fn=fn,
+                      nonneg="never" if name in ("sub", "__sub__") else "preserve")
+    if name in _ELEMENTWISE_METHODS:
+        return OpSpec(Kind.ELEMENTWISE, label, path, fn=fn,
+                      nonneg="always" if name in ("sigmoid", "softmax") else "never")
+    if name in _SCALE_METHODS:
+        return OpSpec(Kind.GRADIENT, label, path, fn=fn, product=True)
+    raise UnsupportedOperationError(
+        f"no relevance rule for {node_location(node)}; register one with "
+        "relprop.register_function_rule"
+    )
+
+
+def _static_shape(arg: Any, root: nn.Module) -> torch.Size | None:
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        from .trace import attribute
+
+        return attribute(root, str(arg.target)).shape
+    return None

@@ -1,0 +1,281 @@
+"""The rewritten model: a list of steps that compute the same forward values as
+the user's model but carry LRP rules in their backward.
+
+Built once per model and composite (`Program.build`), run for every batch.
+Parameters are read from the model at every run (detached), so the program
+always explains the model as it is now and never writes to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from .canonize import canonize, mark_nonneg, positive_only, spec
+from .composites import Composite, LayerInfo
+from .errors import InputError, RelpropError
+from .functions import IdentityRule, LayerRuleFunction, StabilisedRatio, Tap
+from .layers import LayerWeights, fold_batchnorm
+from .optable import Kind, OpSpec, node_location
+from .rules import BoundLayer, Flat, Rule, Tally, WSquare, ZBox
+from .trace import TracedModel, attribute
+
+
+@dataclass(frozen=True)
+class _Ref:
+    index: int
+
+
+def _template(value: Any, index: dict[fx.Node, int]) -> Any:
+    return fx.node.map_arg(value, lambda n: _Ref(index[n]))  # type: ignore[arg-type]
+
+
+def _resolve(value: Any, env: list[Any], tap: Callable[[int, Any], Any] | None) -> Any:
+    if isinstance(value, _Ref):
+        v = env[value.index]
+        return tap(value.index, v) if tap is not None else v
+    if isinstance(value, tuple):
+        return tuple(_resolve(v, env, tap) for v in value)
+    if isinstance(value, list):
+        return [_resolve(v, env, tap) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(v, env, tap) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_resolve(value.start, env, tap), _resolve(value.stop, env, tap),
+                     _resolve(value.step, env, tap))
+    return value
+
+
+def needs_sink(rule: Rule) -> bool:
+    """Rules that hand out relevance not proportional to the input value."""
+    return isinstance(rule, ZBox | Flat | WSquare) or rule.bias == "distribute"
+
+
+class LayerCall:
+    """Runs one linear-like layer with its rule; caches weights per parameter version."""
+
+    def __init__(self, op: OpSpec, rule: Rule, bound_flags: dict[str, Any]) -> None:
+        self.op = op
+        self.rule = rule
+        self.flags = bound_flags
+        self._key: list[tuple[Tensor, int]] | None = None
+        self._weights: LayerWeights | None = None
+
+    def weights(self, tensors: tuple[Tensor | None, ...]) -> LayerWeights:
+        key = [(t, t._version) for t in tensors if t is not None]
+        old = self._key
+        if old is not None and len(old) == len(key) and all(
+                a is c and va == vc for (a, va), (c, vc) in zip(old, key, strict=True)):
+            return self._weights  # type: ignore[return-value]
+        w, b, mean, var, gamma, beta = tensors
+        with torch.no_grad():
+            if mean is not None:
+                if w is None:  # a BatchNorm on its own: scale and shift per channel
+                    w = torch.ones_like(mean)
+                w, b = fold_batchnorm(self.op.kernel, w, b, mean, var, gamma, beta,
+                                      self.op.bn_eps)
+        self._key, self._weights = key, LayerWeights(w, b)
+        return self._weights
+
+    def __call__(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
+                 gamma=None, beta=None, *, sink: Tensor | None = None,
+                 tally: Tally | None = None) -> Tensor:
+        weights = self.weights((w, b, mean, var, gamma, beta))
+        bound = BoundLayer(self.op.kernel, weights, **self.flags)
+        return LayerRuleFunction.apply(x, sink, bound, self.rule, tally)
+
+
+@dataclass
+class Step:
+    """One node of the rewritten graph."""
+
+    node: fx.Node
+    op: str  # fx op: placeholder, get_attr, call_function, call_method, output
+    kind: Kind | None  # rule family for input-dependent nodes, None otherwise
+    call: Callable[..., Any] | None
+    args: Any
+    kwargs: Any
+    dynamic: bool
+    rule: Rule | None = None
+    sink: bool = False
+    frees: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+
+@dataclass
+class Recording:
+    """Gradients captured during one backward pass (record=True)."""
+
+    values: list[Any] = field(default_factory=list)
+    out_grads: dict[int, Tensor] = field(default_factory=dict)
+    edge_grads: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    edges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # step -> (key, src)
+    tallies: dict[int, Tally] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    output: Any
+    inputs: list[Tensor]
+    sinks: dict[int, Tensor]  # step index of the consuming layer -> sink leaf
+    sink_sources: dict[int, int]  # step index of the consuming layer -> placeholder step
+    recording: Recording | None
+    placeholder_steps: list[int] = field(default_factory=list)
+
+
+class Program:
+    """Steps in forward order, built from a traced model and a composite."""
+
+    def __init__(self, steps: list[Step], traced: TracedModel, composite: Composite) -> None:
+        self.steps = steps
+        self.traced = traced
+        self.composite = composite
+        self.placeholders = [i for i, s in enumerate(steps) if s.op == "placeholder"]
+
+    @classmethod
+    def build(cls, traced: TracedModel, composite: Composite) -> Program:
+        graph = traced.graph
+        dynamic = canonize(graph, traced.root, functional=traced.method == "fx")
+        nonneg = mark_nonneg(graph, dynamic)
+        nodes = list(graph.nodes)
+        index = {n: i for i, n in enumerate(nodes)}
+        layers = [n for n in nodes if spec(n) is not None and spec(n).kind is Kind.LAYER]
+        ranked = [n for n in layers if spec(n).kernel.kind != "affine"]
+        rank = {n: i for i, n in enumerate(ranked)}
+        steps: list[Step] = []
+        for node in nodes:
+            s = spec(node)
+            args, kwargs = _template(node.args, index), _template(node.kwargs, index)
+            step = Step(node, node.op, s.kind if s else None, None, args, kwargs,
+                        node in dynamic)
+            if s is not None and s.kind is Kind.LAYER:
+                info = LayerInfo(node.name, s.path, s.layer_type, s.kernel.kind,
+                                 rank.get(node, -1), len(ranked))
+                rule = composite.rule_for(info)
+                x = node.args[0]
+                flags = {"nonneg_input": x in nonneg, "positive_only": positive_only(node),
+                         "top_k": composite.top_k}
+                step.rule = rule
+                step.call = LayerCall(s, rule, flags)
+                step.sink = needs_sink(rule) and isinstance(x, fx.Node) and x.op == "placeholder"
+            elif s is not None:
+                step.call = _step_call(s, composite)
+            elif node.op in ("call_function",):
+                step.call = node.target  # type: ignore[assignment]
+            elif node.op == "call_method":
+                name = str(node.target)
+                step.call = lambda obj, *a, _n=name, **k: getattr(obj, _n)(*a, **k)
+            steps.append(step)
+        _plan_frees(steps, nodes, index)
+        return cls(steps, traced, composite)
+
+    def layer_steps(self) -> list[Step]:
+        return [s for s in self.steps if s.kind is Kind.LAYER]
+
+    def run(self, inputs: list[Tensor], record: bool = False) -> RunResult:
+        """Forward pass; with record=True every value and gradient is kept for the ledger."""
+        env: list[Any] = [None] * len(self.steps)
+        rec = Recording(values=env) if record else None
+        sinks: dict[int, Tensor] = {}
+        sink_sources: dict[int, int] = {}
+        feed = iter(inputs)
+        output = None
+        for i, step in enumerate(self.steps):
+            if step.op == "placeholder":
+                try:
+                    env[i] = next(feed)
+                except StopIteration:
+                    raise InputError(f"the model takes more inputs than the {len(inputs)} "
+                                     "given") from None
+                if rec is not None:
+                    env[i] = Tap.apply(env[i], rec.out_grads, i)
+                continue
+            if step.op == "get_attr":
+                env[i] = attribute(self.traced.root, str(step.node.target)).detach()
+                continue
+            tap = None
+            if rec is not None and step.dynamic:
+                rec.edges[i] = []
+
+                def tap(src: int, v: Any, _i: int = i) -> Any:
+                    if isinstance(v, Tensor) and self.steps[src].dynamic and v.requires_grad:
+                        key = (_i, len(rec.edges[_i]))
+                        rec.edges[_i].append((key, src))
+                        return Tap.apply(v, rec.edge_grads, key)
+                    return v
+
+            args = _resolve(step.args, env, tap)
+            if step.op == "output":
+                output = args[0] if isinstance(args, tuple) and len(args) == 1 else args
+                break
+            kwargs = _resolve(step.kwargs, env, tap)
+            try:
+                if step.kind is Kind.LAYER:
+                    if step.sink:
+                        src = step.args[0].index
+                        sink = torch.zeros_like(args[0], requires_grad=True)
+                        sinks[i], sink_sources[i] = sink, src
+                        kwargs = {**kwargs, "sink": sink}
+                    if rec is not None:
+                        rec.tallies[i] = Tally()
+                        kwargs = {**kwargs, "tally": rec.tallies[i]}
+                value = step.call(*args, **kwargs)
+            except RelpropError:
+                raise
+            except Exception as exc:
+                shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+                raise InputError(
+                    f"the model failed at {node_location(step.node)} on input of shape "
+                    f"{shapes}: {type(exc).__name__}: {exc}") from exc
+            if rec is not None and step.dynamic and isinstance(value, Tensor) and \
+                    value.requires_grad:
+                value = Tap.apply(value, rec.out_grads, i)
+            env[i] = value
+            if rec is None:
+                for j in step.frees:
+                    env[j] = None
+        return RunResult(output, list(inputs), sinks, sink_sources, rec, self.placeholders)
+
+
+def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
+    fn = s.fn
+    assert fn is not None
+    if s.kind is Kind.PROPORTIONAL and composite.stabilizer > 0:
+        eps = composite.stabilizer
+
+        def proportional(*args: Any, **kwargs: Any) -> Any:
+            return StabilisedRatio.apply(fn(*args, **kwargs), eps)
+
+        return proportional
+    if s.kind is Kind.ELEMENTWISE:
+
+        def identity_rule(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            return IdentityRule.apply(x, lambda t: fn(t, *args, **kwargs))
+
+        return identity_rule
+    return fn
+
+
+def _plan_frees(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, int]) -> None:
+    """Drop each value from the environment after its last use (autograd keeps what it needs)."""
+    last: dict[int, int] = {}
+    for i, node in enumerate(nodes):
+        for a in _args_of(node):
+            last[index[a]] = i
+    for src, i in last.items():
+        if steps[src].op != "placeholder":
+            steps[i].frees.append(src)
+
+
+def _args_of(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+

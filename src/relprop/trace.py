@@ -1,0 +1,71 @@
+"""Turn a user's model into a torch.fx graph, without touching the model.
+
+torch.fx's symbolic tracer is tried first: it needs no example input and keeps
+module paths. Models with data-dependent Python control flow cannot be traced
+symbolically; for those, `torch.export` is tried with an example input. Both
+produce a `torch.fx.Graph` whose nodes the rest of relprop reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .errors import TraceError
+
+
+class _Tracer(fx.Tracer):
+    """The stock tracer, with code locations recorded for error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+
+@dataclass
+class TracedModel:
+    """A graph of the model's operations plus the module that owns its attributes.
+
+    `root` is the user's model (fx) or the exported module (export); graph
+    attributes (`get_attr` targets) are looked up on it at every call, so the
+    explanation always sees the model's current parameters.
+    """
+
+    graph: fx.Graph
+    root: nn.Module
+    method: str  # "fx" or "export"
+
+
+def trace_fx(model: nn.Module) -> TracedModel:
+    """Trace symbolically; raises TraceError with the tracer's reason on failure."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many kinds of errors for untraceable code
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return TracedModel(graph=graph, root=model, method="fx")
+
+
+def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...]) -> TracedModel:
+    """Trace with torch.export on an example input (for data-dependent Python code)."""
+    try:
+        exported = torch.export.export(model, example, strict=False)
+        module = exported.module()
+    except Exception as exc:
+        raise TraceError(
+            f"neither torch.fx nor torch.export could trace {type(model).__name__}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return TracedModel(graph=module.graph, root=module, method="export")
+
+
+def attribute(root: nn.Module, target: str) -> torch.Tensor:
+    """Fetch a dotted attribute (a parameter or buffer) from a module tree."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
