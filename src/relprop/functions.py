@@ -21,38 +21,47 @@ from .rules import BoundLayer, Incoming, Rule, Tally, safe_divide, stabilize
 class LayerRuleFunction(torch.autograd.Function):
     """A linear-like layer whose backward is an LRP rule.
 
-    `sink` is given when the layer reads a model input directly: relevance the
-    rule hands out directly (z-box, flat, w-square, bias distribution) then
-    reaches the input exactly, even where the input is zero. Without a sink
-    such relevance is converted back to gradient form, R / x, which loses what
-    lands on zero-valued inputs (the ledger reports it).
+    Some rules hand out relevance that is not proportional to the input value
+    (z-box, flat, w-square, bias distribution); gradient form (R / x) cannot
+    carry it to zero-valued inputs. `route` says where it goes instead:
+    "sink" - `target` is a zero leaf beside a model input whose gradient
+    collects that relevance exactly; "bypass" - `target` is the pre-activation
+    z of the ReLU (or other identity-rule activation) that produced x, and
+    the relevance enters there as R / z, as the identity rule demands; None -
+    it is converted to R / x, losing what lands on zeros (the ledger shows it).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, sink: Tensor | None, layer: BoundLayer, rule: Rule,
-        tally: Tally | None,
+        ctx: Any, x: Tensor, target: Tensor | None, route: str | None, layer: BoundLayer,
+        rule: Rule, tally: Tally | None,
     ) -> Tensor:
         z, state = rule.forward(layer, x)
-        ctx.save_for_backward(x, z, *state)
-        ctx.layer, ctx.rule, ctx.tally, ctx.has_sink = layer, rule, tally, sink is not None
+        if route == "bypass":
+            ctx.save_for_backward(x, z, target, *state)
+        else:
+            ctx.save_for_backward(x, z, *state)
+        ctx.layer, ctx.rule, ctx.tally, ctx.route = layer, rule, tally, route
         return z
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, z, *state = ctx.saved_tensors
+        pre = state.pop(0) if ctx.route == "bypass" else None
         layer: BoundLayer = ctx.layer
         incoming = Incoming(grad=grad, z=z, top_k=layer.top_k)
         out = ctx.rule.backward(layer, x, z, tuple(state), incoming, ctx.tally)
-        grad_x, grad_sink = out.grad, None
+        grad_x, grad_target = out.grad, None
         if out.relevance is not None:
-            if ctx.has_sink:
-                grad_sink = out.relevance if grad_x is None else out.relevance + x * grad_x
+            if ctx.route == "sink":
+                grad_target = out.relevance if grad_x is None else out.relevance + x * grad_x
                 grad_x = None
+            elif ctx.route == "bypass":
+                grad_target = safe_divide(out.relevance, pre)
             else:
                 direct = safe_divide(out.relevance, x)
                 grad_x = direct if grad_x is None else grad_x + direct
-        return grad_x, grad_sink, None, None, None
+        return grad_x, grad_target, None, None, None, None
 
 
 class StabilisedRatio(torch.autograd.Function):

@@ -82,11 +82,11 @@ class LayerCall:
         return self._weights
 
     def __call__(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
-                 gamma=None, beta=None, *, sink: Tensor | None = None,
-                 tally: Tally | None = None) -> Tensor:
+                 gamma=None, beta=None, *, target: Tensor | None = None,
+                 route: str | None = None, tally: Tally | None = None) -> Tensor:
         weights = self.weights((w, b, mean, var, gamma, beta))
         bound = BoundLayer(self.op.kernel, weights, **self.flags)
-        return LayerRuleFunction.apply(x, sink, bound, self.rule, tally)
+        return LayerRuleFunction.apply(x, target, route, bound, self.rule, tally)
 
 
 @dataclass
@@ -101,7 +101,8 @@ class Step:
     kwargs: Any
     dynamic: bool
     rule: Rule | None = None
-    sink: bool = False
+    sink: bool = False  # direct relevance goes to a sink beside the model input
+    bypass: int | None = None  # ...or enters at this step's output (a ReLU's input)
     frees: list[int] = field(default_factory=list)
 
     @property
@@ -164,7 +165,11 @@ class Program:
                          "top_k": composite.top_k}
                 step.rule = rule
                 step.call = LayerCall(s, rule, flags)
-                step.sink = needs_sink(rule) and isinstance(x, fx.Node) and x.op == "placeholder"
+                if needs_sink(rule) and isinstance(x, fx.Node):
+                    if x.op == "placeholder":
+                        step.sink = True
+                    elif _identity_activation(x) and isinstance(x.args[0], fx.Node):
+                        step.bypass = index[x.args[0]]
             elif s is not None:
                 step.call = _step_call(s, composite)
             elif node.op in ("call_function",):
@@ -222,7 +227,11 @@ class Program:
                         src = step.args[0].index
                         sink = torch.zeros_like(args[0], requires_grad=True)
                         sinks[i], sink_sources[i] = sink, src
-                        kwargs = {**kwargs, "sink": sink}
+                        kwargs = {**kwargs, "target": sink, "route": "sink"}
+                    elif step.bypass is not None:
+                        pre = env[step.bypass]
+                        pre = tap(step.bypass, pre) if tap is not None else pre
+                        kwargs = {**kwargs, "target": pre, "route": "bypass"}
                     if rec is not None:
                         rec.tallies[i] = Tally()
                         kwargs = {**kwargs, "tally": rec.tallies[i]}
@@ -263,12 +272,20 @@ def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
     return fn
 
 
+def _identity_activation(node: fx.Node) -> bool:
+    """ReLU or another element-wise activation whose rule passes relevance unchanged."""
+    s = spec(node)
+    return s is not None and (s.zero_below or s.kind is Kind.ELEMENTWISE)
+
+
 def _plan_frees(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, int]) -> None:
     """Drop each value from the environment after its last use (autograd keeps what it needs)."""
     last: dict[int, int] = {}
     for i, node in enumerate(nodes):
         for a in _args_of(node):
             last[index[a]] = i
+        if steps[i].bypass is not None:
+            last[steps[i].bypass] = max(last.get(steps[i].bypass, i), i)
     for src, i in last.items():
         if steps[src].op != "placeholder":
             steps[i].frees.append(src)

@@ -1,0 +1,131 @@
+"""A slow, obviously correct LRP reference: explicit matrices, four steps per layer.
+
+Every layer is turned into an explicit (out x in) matrix W and bias b for the
+sample at hand (convolutions and average pooling by probing with unit
+vectors; max pooling as the 0/1 matrix selecting each window's winner; ReLU as
+the identity on relevance). Then, per layer, from the contribution matrix
+Z_ij = x_i w_ij the rule's formula of ../shared/RULES.md is evaluated term by
+term: forward, divide, transpose, multiply. No autograd, no shortcuts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-6
+
+
+def stab(d: np.ndarray, eps: float) -> np.ndarray:
+    return d + eps * np.where(d >= 0, 1.0, -1.0)
+
+
+@dataclass
+class Layer:
+    kind: str  # "affine" (W, b), "relu", "maxpool" (selection matrix per sample)
+    W: np.ndarray | None = None
+    b: np.ndarray | None = None
+    proportional: bool = False  # average pooling: the proportional rule, not the composite's
+
+
+def affine_from(fn, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Probe a linear map with unit vectors to get its explicit matrix and bias."""
+    n = int(np.prod(in_shape))
+    with torch.no_grad():
+        b = fn(torch.zeros(1, *in_shape, dtype=torch.float64)).reshape(-1).numpy()
+        eye = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+        cols = fn(eye).reshape(n, -1).numpy() - b[None]
+    return cols.T.copy(), b
+
+
+def rule_relevance(rule: dict, x: np.ndarray, W: np.ndarray, b: np.ndarray,
+                   R: np.ndarray) -> np.ndarray:
+    """Input relevance of one dense layer z = W x + b for one sample, term by term."""
+    name = rule["name"]
+    eps = rule.get("epsilon", EPS)
+    Wt = W.T  # (in, out): w_ij with i input, j output
+    xp, xn = np.maximum(x, 0), np.minimum(x, 0)
+    wp, wn = np.maximum(Wt, 0), np.minimum(Wt, 0)
+    bp, bn = np.maximum(b, 0), np.minimum(b, 0)
+    if name in ("lrp0", "epsilon"):
+        Z = x[:, None] * Wt
+        z = Z.sum(0) + b
+        if name == "lrp0":
+            return (Z / np.where(z == 0, 1.0, z)[None] * R[None]).sum(1)
+        return (Z / stab(z, eps)[None] * R[None]).sum(1)
+    if name == "alpha_beta":
+        a, be = rule["alpha"], rule["beta"]
+        Zp = xp[:, None] * wp + xn[:, None] * wn
+        Zn = xp[:, None] * wn + xn[:, None] * wp
+        P = Zp.sum(0) + bp
+        N = Zn.sum(0) + bn
+        return (a * Zp / stab(P, eps)[None] * R[None]).sum(1) - \
+            (be * Zn / stab(N, eps)[None] * R[None]).sum(1)
+    if name == "gamma":
+        g = rule["gamma"]
+        z = (x[:, None] * Wt).sum(0) + b
+        Zp = xp[:, None] * (Wt + g * wp) + xn[:, None] * (Wt + g * wn)
+        Zn = xp[:, None] * (Wt + g * wn) + xn[:, None] * (Wt + g * wp)
+        P = Zp.sum(0) + b + g * bp
+        N = Zn.sum(0) + b + g * bn
+        Rp = np.where(z > 0, R, 0.0)
+        Rn = np.where(z < 0, R, 0.0)
+        return (Zp / stab(P, eps)[None] * Rp[None]).sum(1) + \
+            (Zn / stab(N, eps)[None] * Rn[None]).sum(1)
+    if name == "flat":
+        conn = (W != 0).T.astype(float)  # inputs connected to each output
+        return (conn / stab(conn.sum(0), eps)[None] * R[None]).sum(1)
+    if name == "wsquare":
+        W2 = Wt**2
+        return (W2 / stab(W2.sum(0) + b**2, eps)[None] * R[None]).sum(1)
+    if name == "zbox":
+        lo = np.broadcast_to(rule["low"], x.shape)
+        hi = np.broadcast_to(rule["high"], x.shape)
+        Z = x[:, None] * Wt - lo[:, None] * wp - hi[:, None] * wn
+        return (Z / stab(Z.sum(0), eps)[None] * R[None]).sum(1)
+    raise KeyError(name)
+
+
+def propagate(layers_fn, x: np.ndarray, target: int, rules: list[dict],
+              sum_eps: float = EPS) -> np.ndarray:
+    """Reference relevance of one sample: `layers_fn(x)` gives the explicit layers."""
+    layers = layers_fn(x)
+    acts = [x.reshape(-1)]
+    for layer in layers:  # forward
+        a = acts[-1]
+        if layer.kind == "relu":
+            acts.append(np.maximum(a, 0))
+        else:
+            acts.append(layer.W @ a + layer.b)
+    R = np.zeros_like(acts[-1])
+    R[target] = acts[-1][target]
+    rule_iter = iter(rules)
+    weighted = [i for i, lay in enumerate(layers) if lay.kind == "affine" and
+                not lay.proportional]
+    assigned = {i: next(rule_iter) for i in weighted}
+    for i in reversed(range(len(layers))):  # divide, transpose, multiply
+        layer, a = layers[i], acts[i]
+        if layer.kind == "relu":
+            continue  # identity rule
+        if layer.proportional:
+            rule = {"name": "epsilon", "epsilon": sum_eps}
+        elif layer.kind == "maxpool":
+            rule = {"name": "lrp0"}  # winner takes all: W selects the winners
+        else:
+            rule = assigned[i]
+        R = rule_relevance(rule, a, layer.W, layer.b, R)
+    return R
+
+
+def maxpool_layer(x_chw: torch.Tensor, k: int) -> Layer:
+    """The 0/1 matrix that picks each window's maximum (for this sample)."""
+    _, idx = F.max_pool2d(x_chw[None], k, return_indices=True)
+    c, h, w = x_chw.shape
+    out = idx.reshape(-1).numpy()
+    ch = np.repeat(np.arange(c), out.size // c)
+    W = np.zeros((out.size, c * h * w))
+    W[np.arange(out.size), ch * h * w + out] = 1.0
+    return Layer("maxpool", W, np.zeros(out.size))
