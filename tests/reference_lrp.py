@@ -111,7 +111,7 @@ def propagate(layers_fn, x: np.ndarray, target: int, rules: list[dict],
         if layer.kind == "relu":
             continue  # identity rule
         if layer.proportional:
-            rule = {"name": "epsilon", "epsilon": sum_eps}
+            rule = {"name": "epsilon", "epsilon": sum_eps} if sum_eps else {"name": "lrp0"}
         elif layer.kind == "maxpool":
             rule = {"name": "lrp0"}  # winner takes all: W selects the winners
         else:
