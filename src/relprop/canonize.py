@@ -6,6 +6,9 @@ changes it in place; they run in the order of `canonize`.
 
 from __future__ import annotations
 
+import operator
+
+import torch
 from torch import fx, nn
 
 from .layers import AffineKernel
@@ -13,6 +16,8 @@ from .optable import Kind, OpSpec, classify, functionalize, node_location
 from .errors import UnsupportedOperationError
 
 SPEC = "relprop"
+_BINARY = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
+           "add", "sub", "__add__", "__sub__", "add_", "sub_"}
 
 
 def spec(node: fx.Node) -> OpSpec | None:
@@ -40,6 +45,10 @@ def classify_nodes(graph: fx.Graph, root: nn.Module, dynamic: set[fx.Node]) -> N
         if node in dynamic and node.op in ("call_function", "call_method"):
             node.meta[SPEC] = classify(node, root)
             s = node.meta[SPEC]
+            if s.kind is Kind.PROPORTIONAL and node.target in _BINARY:
+                operands = node.args[:2]
+                s.constant_summand = any(not (isinstance(a, fx.Node) and a in dynamic)
+                                         for a in operands)
             if s.product and sum(a in dynamic for a in _node_args(node)) > 1:
                 raise UnsupportedOperationError(
                     f"product of two input-dependent tensors at {node_location(node)}: "
@@ -60,6 +69,11 @@ def fold_batchnorm(graph: fx.Graph) -> None:
             continue
         if ps.kernel.kind == "affine" or len(producer.args) != 3:
             continue
+        params = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+        if any(a.op != "get_attr" for a in params):
+            continue  # statistics computed in the graph: keep the BatchNorm on its own
+        for a in params:  # parameters must be defined before the merged layer
+            producer.prepend(a)
         producer.args = (*producer.args, *node.args[1:])
         ps.bn_eps = s.bn_eps
         ps.label = f"{ps.label}+{s.label}"

@@ -3,7 +3,8 @@
 Built from a recorded backward pass (record=True). For a linear-like layer the
 leak splits into what its bias absorbed, what its stabiliser absorbed and the
 rest ("other": relevance that landed on zero-valued inputs of rules that hand
-out relevance directly, or at z = 0 in gamma); for sums it is the stabiliser.
+out relevance directly, or at z = 0 in gamma); for sums it is the stabiliser,
+or the constant summand (counted as bias) in x + c.
 """
 
 from __future__ import annotations
@@ -120,13 +121,18 @@ def build_ledger(program, run, sink_grads: dict[int, Tensor], batch: int,
         tally = rec.tallies.get(i)
         zero = torch.zeros_like(out)
         spec = step.node.meta["relprop"]
+        r_in = per_sample(r_node, batch)
+        bias = tally.bias if tally is not None and tally.bias is not None else zero
+        stab = tally.stabiliser if tally is not None and tally.stabiliser is not None else zero
+        if spec.kind is Kind.PROPORTIONAL:  # a sum leaks only to its stabiliser / constants
+            if spec.constant_summand:
+                bias = r_in - out
+            else:
+                stab = r_in - out
         entries.append(LedgerEntry(
             node=step.name, op=spec.label, path=spec.path,
             rule=step.rule.describe() if step.rule is not None else _family(spec.kind),
-            relevance_in=per_sample(r_node, batch), relevance_out=out,
-            bias=tally.bias if tally is not None and tally.bias is not None else zero,
-            stabiliser=tally.stabiliser if tally is not None and tally.stabiliser is not None
-            else zero,
+            relevance_in=r_in, relevance_out=out, bias=bias, stabiliser=stab,
         ))
     return Ledger(entries, explained, at_input), layers
 

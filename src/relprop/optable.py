@@ -60,6 +60,7 @@ class OpSpec:
     product: bool = False  # multiplication/division: rule only while one factor is constant
     bn_eps: float = 1e-5  # BATCHNORM, or a LAYER with a BatchNorm folded in
     folded: str | None = None  # path of the BatchNorm folded into this LAYER
+    constant_summand: bool = False  # PROPORTIONAL with a constant term (absorbs like a bias)
 
 
 def _identity(x: Any, *args: Any, **kwargs: Any) -> Any:

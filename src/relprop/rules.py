@@ -103,11 +103,15 @@ class Incoming:
 
 
 def keep_top_k(r: Tensor, fraction: float) -> Tensor:
-    """Zero all but the largest `fraction` of relevance values of each sample."""
+    """Zero all but the `fraction` of each sample's relevance values largest in magnitude.
+
+    Magnitude, not value: a filter by value would drop the whole relevance of a
+    negative explained output (its only non-zero entry is the smallest).
+    """
     flat = r.reshape(r.shape[0], -1)
     k = max(1, math.ceil(fraction * flat.shape[1]))
-    threshold = flat.topk(k, dim=1).values[:, -1:]
-    return torch.where(flat >= threshold, flat, 0.0).reshape(r.shape)
+    threshold = flat.abs().topk(k, dim=1).values[:, -1:]
+    return torch.where(flat.abs() >= threshold, flat, 0.0).reshape(r.shape)
 
 
 class Tally:

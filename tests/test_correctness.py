@@ -1,0 +1,188 @@
+"""Gradient x input, conservation, the ledger, and module/functional twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import (
+    FunctionalCNN,
+    ModuleCNN,
+    SeedMLP,
+    SeedMLPFunctional,
+    with_biases,
+    without_biases,
+)
+from torch import nn
+
+import relprop
+
+
+def grad_x_input(model, x, target):
+    x = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(model(x)[:, target].sum(), x)
+    return (g * x).detach()
+
+
+@pytest.mark.parametrize("factory", [ModuleCNN, FunctionalCNN])
+def test_lrp0_on_relu_network_is_gradient_times_input(factory) -> None:
+    model = with_biases(factory()).double().eval()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    expl = relprop.explain(model, x, target=2, composite="lrp0")
+    torch.testing.assert_close(expl.relevance, grad_x_input(model, x, 2), rtol=1e-6,
+                               atol=1e-10)
+
+
+def test_lrp0_mlp_with_biases_is_gradient_times_input() -> None:
+    model = with_biases(nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3)))
+    x = torch.randn(6, 10)
+    expl = relprop.explain(model, x, target=0, composite="lrp0")
+    torch.testing.assert_close(expl.relevance, grad_x_input(model, x, 0), rtol=1e-6,
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize("composite", ["lrp0", "epsilon", "zplus", "gamma"])
+@pytest.mark.parametrize("factory", [ModuleCNN, FunctionalCNN])
+def test_bias_free_relevance_is_conserved(composite: str, factory) -> None:
+    model = without_biases(factory()).double().eval()
+    # inputs scaled so pre-activations are O(1): the 1e-6 stabiliser then absorbs < 1e-5
+    x = 10 * torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    expl = relprop.explain(model, x, composite=composite, record=True)
+    total = expl.relevance.sum((1, 2, 3))
+    torch.testing.assert_close(total, expl.explained, rtol=1e-5, atol=1e-12)
+    # and what the stabilisers did absorb is on the books, to the last digit
+    torch.testing.assert_close(total + expl.ledger.totals()["stabiliser"], expl.explained,
+                               rtol=1e-9, atol=1e-12)
+    # every recorded node carries the full relevance too (per-layer conservation)
+    ledger = expl.ledger
+    for entry in ledger:
+        torch.testing.assert_close(entry.relevance_out, entry.relevance_in, rtol=1e-5,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("composite", ["epsilon", "gamma", "zplus", "alpha_beta"])
+def test_ledger_accounts_for_bias_leaks(composite: str) -> None:
+    model = with_biases(ModuleCNN(), 0.3).double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    expl = relprop.explain(model, x, composite=composite, record=True)
+    ledger = expl.ledger
+    at_input = expl.relevance.sum((1, 2, 3))
+    totals = ledger.totals()
+    # what left the output and did not reach the input is exactly what the nodes leaked
+    torch.testing.assert_close(expl.explained - at_input, totals["leaked"], rtol=1e-6,
+                               atol=1e-9)
+    # biases are where it went; stabiliser and the rest are small
+    assert (totals["bias"].abs() > 1e-4).all()
+    torch.testing.assert_close(totals["leaked"], totals["bias"] + totals["stabiliser"],
+                               rtol=1e-6, atol=1e-6)
+    assert "bias" in ledger.table()
+
+
+@pytest.mark.parametrize("bias", ["ignore", "distribute"])
+def test_bias_ignore_and_distribute_conserve(bias: str) -> None:
+    model = with_biases(nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(),
+                                      nn.Linear(6, 3)), 0.5).double()
+    x = 10 * torch.randn(5, 8, dtype=torch.float64)
+    # conserved up to the stabiliser, which is set small here (pre-activations near 0.1
+    # occur with these random weights, and 1e-6 of 0.1 is already 1e-5)
+    expl = relprop.explain(model, x, composite="epsilon", bias=bias, epsilon=1e-9, record=True)
+    torch.testing.assert_close(expl.relevance.sum(1), expl.explained, rtol=1e-5, atol=1e-10)
+    totals = expl.ledger.totals()
+    assert (totals["bias"] == 0).all()
+    torch.testing.assert_close(expl.relevance.sum(1) + totals["stabiliser"], expl.explained,
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_seed_mlp_module_and_functional_twins_agree() -> None:
+    a = SeedMLP().eval()
+    b = SeedMLPFunctional().eval()
+    with torch.no_grad():
+        for (src, dst) in zip([a.net[0], a.net[2], a.net[4]], [b.fc1, b.fc2, b.fc3],
+                              strict=True):
+            dst.load_state_dict(src.state_dict())
+    x = torch.randn(7, 10)
+    for composite in ["epsilon", "gamma", "zplus", "alpha_beta", "lrp0", "epsilon_plus_flat"]:
+        ra = relprop.explain(a, x, composite=composite)
+        rb = relprop.explain(b, x, composite=composite)
+        assert torch.equal(ra.relevance, rb.relevance)
+        # sigmoid at the output passes its value on (identity rule): the logit layer
+        # receives R = sigmoid(z), which the epsilon rule then splits
+    a, x = a.double(), x.double()
+    expl = relprop.explain(a, x, composite="epsilon", bias="ignore", record=True)
+    # what reaches the input is the sigmoid output, less only what stabilisers absorbed
+    stabiliser = expl.ledger.totals()["stabiliser"]
+    torch.testing.assert_close(expl.relevance.sum(1) + stabiliser, a(x)[:, 0].detach(),
+                               rtol=1e-5, atol=1e-6)
+    assert stabiliser.abs().max() < 1e-2
+
+
+def test_cnn_module_and_functional_twins_agree() -> None:
+    a = with_biases(ModuleCNN()).eval()
+    b = FunctionalCNN().eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    for composite in ["epsilon_gamma_box", "epsilon_plus", "epsilon_alpha2_beta1", "lrp0"]:
+        ra = relprop.explain(a, x, composite=composite, low=-3.0, high=3.0)
+        rb = relprop.explain(b, x, composite=composite, low=-3.0, high=3.0)
+        torch.testing.assert_close(ra.relevance, rb.relevance, rtol=1e-6, atol=1e-8)
+
+
+def test_batchnorm_is_folded_into_the_preceding_conv() -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3)).eval()
+    folded = nn.Conv2d(3, 4, 3, padding=1)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * scale[:, None, None, None])
+        folded.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
+    twin = nn.Sequential(folded, nn.ReLU(), nn.Flatten(), model[4]).eval()
+    x = torch.randn(2, 3, 5, 5)
+    for composite in ["epsilon", "gamma", "zplus"]:
+        r1 = relprop.explain(model, x, target=1, composite=composite).relevance
+        r2 = relprop.explain(twin, x, target=1, composite=composite).relevance
+        torch.testing.assert_close(r1, r2, rtol=1e-4, atol=1e-6)
+    names = [s.node.meta["relprop"].label for s in relprop.Explainer(model, "epsilon")
+             .program.layer_steps()]
+    assert names[0] == "Conv2d+BatchNorm2d"
+
+
+def test_lone_batchnorm_is_an_affine_layer() -> None:
+    bn = nn.BatchNorm1d(6)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+    # tanh before: the BatchNorm has nothing to fold into, and no input is exactly zero
+    # (an output made of bias alone would have nowhere to send relevance under "ignore")
+    model = nn.Sequential(nn.Tanh(), bn, nn.Linear(6, 2)).double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    expl = relprop.explain(model, x, composite="epsilon", bias="ignore", record=True)
+    torch.testing.assert_close(expl.relevance.sum(1), expl.explained, rtol=1e-5, atol=1e-7)
+    assert any(e.op == "BatchNorm1d" and e.rule.startswith("epsilon") for e in expl.ledger)
+
+
+def test_top_k_filter_keeps_the_fraction_asked() -> None:
+    model = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 3)).double()
+    x = torch.randn(2, 10, dtype=torch.float64)
+    expl = relprop.explain(model, x, target=0, composite="epsilon", top_k=0.25)
+    # by hand: relevance at the hidden layer, keep the 10 largest |R| of 40, epsilon below
+    lin1, lin2 = model[0], model[2]
+    with torch.no_grad():
+        z1 = lin1(x)
+        a1 = z1.relu()
+        z2 = lin2(a1)
+        r2 = torch.zeros_like(z2)
+        r2[:, 0] = z2[:, 0]
+        st = lambda d: d + 1e-6 * torch.where(d >= 0, 1.0, -1.0)  # noqa: E731
+        r1 = a1 * ((r2 / st(z2)) @ lin2.weight)
+        keep = r1.abs() >= r1.abs().topk(10, dim=1).values[:, -1:]
+        r1 = torch.where(keep, r1, 0.0)
+        r0 = x * ((r1 / st(z1)) @ lin1.weight)
+    torch.testing.assert_close(expl.relevance, r0, rtol=1e-9, atol=1e-12)
+    full = relprop.explain(model, x, target=0, composite="epsilon")
+    assert not torch.allclose(full.relevance, r0)
