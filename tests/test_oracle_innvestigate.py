@@ -12,12 +12,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import shared_dir
 from torch import nn
 
 import relprop
 from relprop import LRP0, AlphaBeta, Composite, Epsilon, Flat, WSquare, ZBox, ZPlus
-
-from conftest import shared_dir
 
 ORACLES = shared_dir() / "oracles" / "innvestigate-layer"
 LAYERS = ["Dense", "Dense_relu", "Conv2D", "Conv2D_relu", "AveragePooling2D", "MaxPooling2D"]

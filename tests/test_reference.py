@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference_lrp import Layer, affine_from, maxpool_layer, propagate
 from torch import nn
 
 import relprop
-from reference_lrp import Layer, affine_from, maxpool_layer, propagate
 
 LOW, HIGH = -3.0, 3.0
 

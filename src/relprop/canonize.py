@@ -11,9 +11,9 @@ import operator
 import torch
 from torch import fx, nn
 
+from .errors import UnsupportedOperationError
 from .layers import AffineKernel
 from .optable import Kind, OpSpec, classify, functionalize, node_location
-from .errors import UnsupportedOperationError
 
 SPEC = "relprop"
 _BINARY = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,

@@ -159,7 +159,7 @@ class Explainer:
             grads = torch.autograd.grad(flat, wrt, seeds, is_grads_batched=True,
                                         allow_unused=True)
             relevance = tuple(r.movedim(0, 1)
-                              for r in _relevance(leaves, grads, sink_ids, run, batched=True))
+                              for r in _relevance(leaves, grads, sink_ids, run, batched=K))
         if not multi:
             relevance = tuple(r.squeeze(1) for r in relevance)
             index, explained = index[:, 0], explained[:, 0]
@@ -299,12 +299,13 @@ def _seeds(flat: Tensor, index: Tensor, start: str,
 
 
 def _relevance(leaves: tuple[Tensor, ...], grads: Sequence[Tensor | None], sink_ids: list[int],
-               run: RunResult, batched: bool = False) -> tuple[Tensor, ...]:
+               run: RunResult, batched: int = 0) -> tuple[Tensor, ...]:
+    """x * grad + relevance collected in sinks; `batched` = K for a batched backward."""
     rel = []
     for p, x in enumerate(leaves):
         g = grads[p]
-        r = x.detach() * g if g is not None else torch.zeros(
-            ((grads[0].shape[0],) if batched else ()) + x.shape, dtype=x.dtype)
+        shape = ((batched,) if batched else ()) + x.shape
+        r = x.detach() * g if g is not None else x.new_zeros(shape)
         for j, layer_step in enumerate(sink_ids):
             if run.sink_sources[layer_step] == _placeholder_step(run, p):
                 sg = grads[len(leaves) + j]

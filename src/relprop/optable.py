@@ -79,15 +79,30 @@ def node_path(node: fx.Node) -> str:
 
 
 def node_location(node: fx.Node) -> str:
-    """'op X at module path Y (code line)' for error messages."""
+    """'op X (graph node N) in module Y (file:line: code)' for error messages."""
     label = node.meta.get("relprop_label") or _target_name(node)
     path = node_path(node)
     where = f" in module '{path}'" if path else " in the model's forward"
-    trace = (node.stack_trace or "").strip().splitlines()
-    code = ""
-    if len(trace) >= 2:
-        code = f" ({trace[-2].strip()}: {trace[-1].strip()})"
-    return f"'{label}' (graph node '{node.name}'){where}{code}"
+    frame = user_frame(node.stack_trace or "")
+    return f"'{label}' (graph node '{node.name}'){where}" + (f" ({frame})" if frame else "")
+
+
+def user_frame(stack_trace: str) -> str:
+    """The innermost frame of a traced stack that is the user's code, not torch's."""
+    lines = stack_trace.strip().splitlines()
+    frames = []
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if line.startswith("File "):
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            frames.append((line, code))
+    for line, code in reversed(frames):
+        if "/torch/" not in line and "\\torch\\" not in line:
+            parts = line.split('"')
+            file = parts[1] if len(parts) > 2 else line
+            lineno = line.split("line ")[-1].split(",")[0]
+            return f"{file}:{lineno}: {code}"
+    return ""
 
 
 def _target_name(node: fx.Node) -> str:
@@ -165,8 +180,7 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> None:
         if new is None:
             raise UnsupportedOperationError(
                 f"no relevance rule for module {node_location(node)} of type "
-                f"{type(module).__module__}.{type(module).__name__}; register one with "
-                "relprop.register_module_rule or treat it as a leaf with a rule"
+                f"{type(module).__module__}.{type(module).__name__}"
             )
         fn, args, kwargs = new
         node.op = "call_function"
@@ -384,9 +398,7 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
     if fn in _META:
         return OpSpec(Kind.META, label, path, fn=fn)
     raise UnsupportedOperationError(
-        f"no relevance rule for {node_location(node)}; register one with "
-        "relprop.register_function_rule"
-    )
+        f"no relevance rule for {node_location(node)}")
 
 
 def _classify_method(node: fx.Node, path: str, label: str) -> OpSpec:
@@ -407,9 +419,7 @@ def _classify_method(node: fx.Node, path: str, label: str) -> OpSpec:
     if name in _SCALE_METHODS:
         return OpSpec(Kind.GRADIENT, label, path, fn=fn, product=True)
     raise UnsupportedOperationError(
-        f"no relevance rule for {node_location(node)}; register one with "
-        "relprop.register_function_rule"
-    )
+        f"no relevance rule for {node_location(node)}")
 
 
 def _static_shape(arg: Any, root: nn.Module) -> torch.Size | None:
