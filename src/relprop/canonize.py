@@ -45,7 +45,9 @@ def classify_nodes(graph: fx.Graph, root: nn.Module, dynamic: set[fx.Node]) -> N
         if node in dynamic and node.op in ("call_function", "call_method"):
             node.meta[SPEC] = classify(node, root)
             s = node.meta[SPEC]
-            if s.kind is Kind.PROPORTIONAL and node.target in _BINARY:
+            binary = node.target in _BINARY or getattr(node.target, "_opname", "") in (
+                "add", "sub")
+            if s.kind is Kind.PROPORTIONAL and binary:
                 operands = node.args[:2]
                 s.constant_summand = any(not (isinstance(a, fx.Node) and a in dynamic)
                                          for a in operands)
@@ -54,6 +56,10 @@ def classify_nodes(graph: fx.Graph, root: nn.Module, dynamic: set[fx.Node]) -> N
                     f"product of two input-dependent tensors at {node_location(node)}: "
                     "multiplicative interactions need a gate rule, which this op lacks")
         elif node in dynamic and node.op == "call_module":
+            if str(node.target) == "_guards_fn":  # torch.export's input-shape guard
+                node.meta[SPEC] = OpSpec(Kind.META, "guards", "",
+                                         fn=root.get_submodule(str(node.target)))
+                continue
             raise UnsupportedOperationError(f"module call left at {node_location(node)}")
 
 

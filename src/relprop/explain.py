@@ -85,8 +85,13 @@ class Explainer:
         return self._program
 
     def _ensure_program(self, inputs: tuple[Tensor, ...]) -> Program:
+        """fx failed at construction: trace with torch.export on the first real input."""
         if self._program is None:
-            self._program = Program.build(trace_export(self.model, inputs), self.composite)
+            try:
+                traced = trace_export(self.model, inputs)
+            except TraceError as exc:
+                raise TraceError(f"{self._fx_error}; and {exc}") from exc
+            self._program = Program.build(traced, self.composite)
         return self._program
 
     def __call__(self, x: Tensor | tuple[Tensor, ...], target: Target = None,

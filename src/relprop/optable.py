@@ -354,6 +354,8 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
     if node.op == "call_method":
         return _classify_method(node, path, label)
     fn = node.target
+    if isinstance(fn, torch._ops.OpOverload):
+        fn = _aten_as_function(node)
     if fn in _CONV_FUNCTIONS or fn is F.linear:
         a = _bind(fn, node.args, node.kwargs)
         if fn is F.linear:
@@ -376,29 +378,95 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
         node.kwargs = {}
         return OpSpec(Kind.BATCHNORM, label, path, bn_eps=float(a["eps"]),
                       layer_type=node.meta.get("relprop_module_type", nn.BatchNorm2d))
-    fn = _INPLACE.get(fn, fn)
-    if fn in _RELU:
-        return OpSpec(Kind.GRADIENT, label, path, fn=_without_inplace(fn), zero_below=True,
-                      nonneg="always")
-    if fn in _MOVE_FUNCTIONS:
-        nonneg = "never" if fn in (F.leaky_relu, F.pad) else "preserve"
-        return OpSpec(Kind.GRADIENT, label, path, fn=_without_inplace(fn), nonneg=nonneg)
-    if fn in _DROPOUT:
+    aten = _ALIASES.get(fn)  # an ATen op runs as itself but is classified like `aten`
+    meaning = _INPLACE.get(aten or fn, aten or fn)
+
+    def run(default: Callable[..., Any]) -> Callable[..., Any]:
+        return fn if aten is not None else default
+
+    if meaning in _RELU:
+        return OpSpec(Kind.GRADIENT, label, path, fn=run(_without_inplace(meaning)),
+                      zero_below=True, nonneg="always")
+    if meaning in _MOVE_FUNCTIONS:
+        nonneg = "never" if meaning in (F.leaky_relu, F.pad) else "preserve"
+        return OpSpec(Kind.GRADIENT, label, path, fn=run(_without_inplace(meaning)),
+                      nonneg=nonneg)
+    if meaning in _DROPOUT:
         return OpSpec(Kind.GRADIENT, label, path, fn=_identity, nonneg="preserve")
-    if fn in _SUM_FUNCTIONS:
-        sub = fn in (operator.sub, torch.sub, operator.isub)
-        return OpSpec(Kind.PROPORTIONAL, label, path, fn=fn,
+    if meaning in _SUM_FUNCTIONS:
+        sub = meaning in (operator.sub, torch.sub, operator.isub)
+        return OpSpec(Kind.PROPORTIONAL, label, path, fn=run(meaning),
                       nonneg="never" if sub else "preserve")
-    if fn in _ELEMENTWISE:
-        always = fn in (torch.sigmoid, F.sigmoid, F.softmax, torch.softmax)
-        return OpSpec(Kind.ELEMENTWISE, label, path, fn=_without_inplace(fn),
+    if meaning in _ELEMENTWISE:
+        always = meaning in (torch.sigmoid, F.sigmoid, F.softmax, torch.softmax)
+        return OpSpec(Kind.ELEMENTWISE, label, path, fn=run(_without_inplace(meaning)),
                       nonneg="always" if always else "never")
-    if fn in _SCALE:
-        return OpSpec(Kind.GRADIENT, label, path, fn=fn, product=True)
-    if fn in _META:
-        return OpSpec(Kind.META, label, path, fn=fn)
-    raise UnsupportedOperationError(
-        f"no relevance rule for {node_location(node)}")
+    if meaning in _SCALE:
+        return OpSpec(Kind.GRADIENT, label, path, fn=run(meaning), product=True)
+    if meaning in _META:
+        return OpSpec(Kind.META, label, path, fn=run(meaning))
+    raise UnsupportedOperationError(f"no relevance rule for {node_location(node)}")
+
+
+# ATen ops (graphs from torch.export) that mean the same as a torch function handled above.
+_ATEN_SAME = {
+    "linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d,
+    "relu": torch.relu, "relu_": torch.relu, "leaky_relu": F.leaky_relu, "elu": F.elu,
+    "sigmoid": torch.sigmoid, "tanh": torch.tanh, "softmax": torch.softmax,
+    "_softmax": torch.softmax, "add": torch.add, "sub": torch.sub, "mul": torch.mul,
+    "div": torch.div, "neg": torch.neg, "mean": torch.mean, "sum": torch.sum,
+    "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
+    "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "dropout": F.dropout,
+    "max_pool1d": F.max_pool1d, "max_pool2d": F.max_pool2d, "max_pool3d": F.max_pool3d,
+    "flatten": torch.flatten, "cat": torch.cat, "stack": torch.stack,
+    "permute": torch.permute, "transpose": torch.transpose, "squeeze": torch.squeeze,
+    "unsqueeze": torch.unsqueeze, "clone": torch.clone, "t": torch.t, "split": torch.split,
+    "chunk": torch.chunk, "unbind": torch.unbind, "narrow": torch.narrow,
+}
+_ATEN_MOVES = {"view", "reshape", "_unsafe_view", "select", "slice", "expand", "alias",
+               "contiguous", "_to_copy", "to", "split_with_sizes", "max_pool2d_with_indices",
+               "adaptive_max_pool2d", "detach", "lift_fresh_copy", "pad", "constant_pad_nd"}
+_ATEN_META = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata"}
+
+
+def _aten_as_function(node: fx.Node) -> Callable[..., Any]:
+    """Map an ATen op onto the torch function with the same meaning (args normalised)."""
+    op = node.target
+    name = op._opname
+    if name == "batch_norm":  # (x, weight, bias, mean, var, training, momentum, eps, cudnn)
+        a = list(node.args) + [None] * (8 - len(node.args))
+        node.args = (a[0], a[3], a[4], a[1], a[2], False, 0.0, a[7] if a[7] is not None else
+                     1e-5)
+        return F.batch_norm
+    if name in _ATEN_SAME:
+        same = _ATEN_SAME[name]
+        if same in _CONV_FUNCTIONS or same is F.linear or same is F.dropout:
+            return same
+        node.meta.setdefault("relprop_label", f"aten.{name}")
+        return _ATEN_KINDS.setdefault(op, _aten_alias(op, same))
+    if name in _ATEN_MOVES:
+        return _ATEN_KINDS.setdefault(op, _aten_alias(op, torch.flatten))
+    if name in _ATEN_META:
+        return _ATEN_KINDS.setdefault(op, _aten_alias(op, getattr))
+    return op
+
+
+_ATEN_KINDS: dict[Any, Callable[..., Any]] = {}
+
+
+def _aten_alias(op: Any, like: Callable[..., Any]) -> Callable[..., Any]:
+    """A callable running `op` that the tables above classify like `like`."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return op(*args, **kwargs)
+
+    run.__name__ = str(op)
+    _ALIASES[run] = like
+    return run
+
+
+_ALIASES: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
 def _classify_method(node: fx.Node, path: str, label: str) -> OpSpec:

@@ -219,6 +219,9 @@ class Program:
             args = _resolve(step.args, env, tap)
             if step.op == "output":
                 output = args[0] if isinstance(args, tuple) and len(args) == 1 else args
+                if self.traced.method == "export" and isinstance(output, tuple | list) and \
+                        len(output) == 1:
+                    output = output[0]  # export flattens outputs into a tuple
                 break
             kwargs = _resolve(step.kwargs, env, tap)
             try:

@@ -1,0 +1,73 @@
+"""Models torch.fx cannot trace symbolically are traced with torch.export instead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relprop
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on shapes and a loop: fx refuses, torch.export specialises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        if x.shape[-1] > 4:
+            y = F.max_pool2d(y, 2)
+        for _ in range(2):
+            y = y + 0.5 * y
+        return self.fc(torch.flatten(y.mean((2, 3)), 1))
+
+
+class Twin(ShapeBranch):
+    """The same computation written without Python control flow (fx traces it)."""
+
+    def forward(self, x):
+        y = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        y = y + 0.5 * y
+        y = y + 0.5 * y
+        return self.fc(torch.flatten(y.mean((2, 3)), 1))
+
+
+def test_export_fallback_matches_the_fx_twin() -> None:
+    model = ShapeBranch().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2)
+    twin = Twin().eval()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    ex = relprop.Explainer(model, composite="epsilon_plus")
+    assert ex._program is None  # fx failed; export happens on the first input
+    got = ex(x, target=1)
+    assert ex.program.traced.method == "export"
+    want = relprop.explain(twin, x, target=1, composite="epsilon_plus")
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.output, want.output)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # depends on values: neither tracer can follow it
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_untraceable_model_gets_a_clear_error() -> None:
+    ex = relprop.Explainer(DataDependent(), composite="epsilon")
+    with pytest.raises(relprop.TraceError, match=r"torch\.fx could not trace DataDependent.*"
+                       r"neither torch\.fx nor torch\.export"):
+        ex(torch.randn(2, 4))
