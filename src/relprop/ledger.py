@@ -98,10 +98,22 @@ def build_ledger(program, run, sink_grads: dict[int, Tensor], batch: int,
     layers: dict[str, Tensor] = {}
     for i, step in enumerate(program.steps):
         value = rec.values[i]
-        if not step.dynamic or not isinstance(value, Tensor) or step.op == "output":
+        if not step.dynamic or step.op == "output":
             continue
-        grad = rec.out_grads.get(i)
-        r_node = value.detach() * grad if grad is not None else torch.zeros_like(value)
+        if isinstance(value, tuple | list):  # several outputs (chunk, split)
+            parts = [(e, rec.out_grads.get((i, j))) for j, e in enumerate(value)
+                     if isinstance(e, Tensor)]
+            if not parts or step.kind is Kind.META:
+                continue
+            r_in = sum((per_sample(e.detach() * g, batch) for e, g in parts if g is not None),
+                       torch.zeros(batch, dtype=parts[0][0].dtype))
+            r_node = None
+        elif isinstance(value, Tensor):
+            grad = rec.out_grads.get(i)
+            r_node = value.detach() * grad if grad is not None else torch.zeros_like(value)
+            r_in = None
+        else:
+            continue
         if step.op == "placeholder":
             for layer_step, src in run.sink_sources.items():
                 if src == i and layer_step in sink_grads:
@@ -110,18 +122,20 @@ def build_ledger(program, run, sink_grads: dict[int, Tensor], batch: int,
             continue
         if step.kind is Kind.META:
             continue
-        layers[step.name] = r_node
-        out = torch.zeros(batch, dtype=value.dtype, device=value.device)
-        for key, src in rec.edges.get(i, []):
+        if r_node is not None:
+            layers[step.name] = r_node
+            r_in = per_sample(r_node, batch)
+        out = torch.zeros_like(r_in)
+        for key, src, elem in rec.edges.get(i, []):
             g = rec.edge_grads.get(key)
             if g is not None:
-                out = out + per_sample(rec.values[src].detach() * g, batch)
+                v = rec.values[src] if elem is None else rec.values[src][elem]
+                out = out + per_sample(v.detach() * g, batch)
         if i in sink_grads:
             out = out + per_sample(sink_grads[i], batch)
         tally = rec.tallies.get(i)
         zero = torch.zeros_like(out)
         spec = step.node.meta["relprop"]
-        r_in = per_sample(r_node, batch)
         bias = tally.bias if tally is not None and tally.bias is not None else zero
         stab = tally.stabiliser if tally is not None and tally.stabiliser is not None else zero
         if spec.kind is Kind.PROPORTIONAL:  # a sum leaks only to its stabiliser / constants

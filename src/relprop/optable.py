@@ -15,7 +15,11 @@ Families:
 - PROPORTIONAL: sums (x + y, sum, mean, average pooling) split relevance in
   proportion to the summands, with a small stabiliser.
 - ELEMENTWISE: other element-wise non-linearities (sigmoid, tanh, softmax,
-  ELU, GELU, ...): identity rule, relevance passes unchanged.
+  ELU, GELU, SiLU, Hardswish, ReLU6, ...): identity rule, relevance passes
+  unchanged. In a product with another activation, a sigmoid/hardsigmoid
+  output is a gate: all relevance goes to the other factor.
+- NORM: LayerNorm: mean-centering is linear (LRP-0), the division by the
+  standard deviation is held constant, the affine part takes epsilon.
 - META: shapes, sizes and other non-tensor values.
 """
 
@@ -42,6 +46,7 @@ class Kind(Enum):
     GRADIENT = "gradient"
     PROPORTIONAL = "proportional"
     ELEMENTWISE = "elementwise"
+    NORM = "norm"
     META = "meta"
 
 
@@ -58,6 +63,7 @@ class OpSpec:
     zero_below: bool = False  # output and gradient are 0 where the input <= 0 (ReLU)
     nonneg: str = "never"  # output >= 0: "always", "preserve" (if its inputs are), "never"
     product: bool = False  # multiplication/division: rule only while one factor is constant
+    gate: bool = False  # output in [0, 1] (sigmoid, hardsigmoid): a gate when it multiplies
     bn_eps: float = 1e-5  # BATCHNORM, or a LAYER with a BatchNorm folded in
     folded: str | None = None  # path of the BatchNorm folded into this LAYER
     constant_summand: bool = False  # PROPORTIONAL with a constant term (absorbs like a bias)
@@ -221,6 +227,14 @@ def _module_as_function(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str,
         return fn, (x, *(getattr(m, a) for a in attrs)), {}
     if isinstance(m, nn.Flatten):
         return torch.flatten, (x, m.start_dim, m.end_dim), {}
+    if isinstance(m, nn.GELU):
+        return F.gelu, (x,), {"approximate": m.approximate}
+    if type(m) is nn.LayerNorm:
+        w = p("weight")[0] if m.weight is not None else None
+        b = p("bias")[0] if m.bias is not None else None
+        return F.layer_norm, (x, m.normalized_shape, w, b, m.eps), {}
+    if isinstance(m, nn.PReLU):
+        return F.prelu, (x, p("weight")[0]), {}
     if isinstance(m, nn.Unflatten):
         return torch.unflatten, (x, m.dim, m.unflattened_size), {}
     if isinstance(m, nn.Softmax):
@@ -255,6 +269,15 @@ _SIMPLE_MODULES: dict[type, tuple[Callable, tuple[str, ...]]] = {
     nn.ELU: (F.elu, ("alpha",)),
     nn.Sigmoid: (torch.sigmoid, ()),
     nn.Tanh: (torch.tanh, ()),
+    nn.ReLU6: (F.relu6, ()),
+    nn.SiLU: (F.silu, ()),
+    nn.Hardswish: (F.hardswish, ()),
+    nn.Hardsigmoid: (F.hardsigmoid, ()),
+    nn.Mish: (F.mish, ()),
+    nn.SELU: (F.selu, ()),
+    nn.CELU: (F.celu, ("alpha",)),
+    nn.Softplus: (F.softplus, ("beta", "threshold")),
+    nn.Hardtanh: (F.hardtanh, ("min_val", "max_val")),
     nn.Identity: (_identity, ()),
     nn.Dropout: (_identity, ()),
     nn.Dropout1d: (_identity, ()),
@@ -268,6 +291,7 @@ _SIMPLE_MODULES: dict[type, tuple[Callable, tuple[str, ...]]] = {
 # ---------------------------------------------------------------- classification
 
 _RELU = {F.relu, torch.relu, torch.relu_, F.relu_}
+_GRADIENT_FUNCTIONS = {F.prelu}  # positively homogeneous: the gradient is the identity rule
 _MOVE_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.cat, torch.concat, torch.concatenate, torch.stack,
     operator.getitem, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
@@ -281,7 +305,15 @@ _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
 _SUM_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub, operator.iadd,
                   operator.isub, torch.sum, torch.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
-_ELEMENTWISE = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softmax, torch.softmax, F.elu}
+_ELEMENTWISE = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softmax, torch.softmax, F.elu,
+                F.relu6, F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.mish, F.selu, F.celu,
+                F.softplus, F.hardtanh}
+_NONNEG_ELEMENTWISE = {torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.relu6,
+                       F.hardsigmoid, F.softplus}
+# Element-wise maps that are 0 (and pass no relevance) wherever their input is <= 0.
+_ZERO_BELOW = {F.relu6}
+# Outputs in [0, 1] that scale another tensor: in a product they are gates.
+GATES = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _SCALE = {operator.mul, torch.mul, operator.truediv, torch.div, operator.neg, torch.neg,
           operator.imul, operator.itruediv}
 _META = {getattr, len}
@@ -297,7 +329,7 @@ _MOVE_METHODS = {
 }
 _META_METHODS = {"size", "dim", "numel", "__len__", "ndimension", "nelement"}
 _SUM_METHODS = {"add", "add_", "sub", "sub_", "sum", "mean", "__add__", "__sub__"}
-_ELEMENTWISE_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "softmax"}
+_ELEMENTWISE_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "relu6"}
 _SCALE_METHODS = {"mul", "mul_", "div", "div_", "neg", "__mul__", "__truediv__"}
 _INPLACE_METHODS = {"relu_": "relu", "add_": "add", "sub_": "sub", "mul_": "mul",
                     "div_": "div", "sigmoid_": "sigmoid", "tanh_": "tanh"}
@@ -391,16 +423,20 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
         nonneg = "never" if meaning in (F.leaky_relu, F.pad) else "preserve"
         return OpSpec(Kind.GRADIENT, label, path, fn=run(_without_inplace(meaning)),
                       nonneg=nonneg)
-    if meaning in _DROPOUT:
+    if meaning in _DROPOUT or _is_stochastic_depth(meaning):
         return OpSpec(Kind.GRADIENT, label, path, fn=_identity, nonneg="preserve")
     if meaning in _SUM_FUNCTIONS:
         sub = meaning in (operator.sub, torch.sub, operator.isub)
         return OpSpec(Kind.PROPORTIONAL, label, path, fn=run(meaning),
                       nonneg="never" if sub else "preserve")
     if meaning in _ELEMENTWISE:
-        always = meaning in (torch.sigmoid, F.sigmoid, F.softmax, torch.softmax)
         return OpSpec(Kind.ELEMENTWISE, label, path, fn=run(_without_inplace(meaning)),
-                      nonneg="always" if always else "never")
+                      nonneg="always" if meaning in _NONNEG_ELEMENTWISE else "never",
+                      zero_below=meaning in _ZERO_BELOW, gate=meaning in GATES)
+    if meaning is F.layer_norm:
+        return OpSpec(Kind.NORM, label, path, fn=run(meaning))
+    if meaning in _GRADIENT_FUNCTIONS:
+        return OpSpec(Kind.GRADIENT, label, path, fn=run(meaning))
     if meaning in _SCALE:
         return OpSpec(Kind.GRADIENT, label, path, fn=run(meaning), product=True)
     if meaning in _META:
@@ -423,6 +459,8 @@ _ATEN_SAME = {
     "permute": torch.permute, "transpose": torch.transpose, "squeeze": torch.squeeze,
     "unsqueeze": torch.unsqueeze, "clone": torch.clone, "t": torch.t, "split": torch.split,
     "chunk": torch.chunk, "unbind": torch.unbind, "narrow": torch.narrow,
+    "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
+    "gelu": F.gelu, "layer_norm": F.layer_norm, "hardtanh": F.hardtanh, "mish": F.mish,
 }
 _ATEN_MOVES = {"view", "reshape", "_unsafe_view", "select", "slice", "expand", "alias",
                "contiguous", "_to_copy", "to", "split_with_sizes", "max_pool2d_with_indices",
@@ -469,6 +507,12 @@ def _aten_alias(op: Any, like: Callable[..., Any]) -> Callable[..., Any]:
 _ALIASES: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
+def _is_stochastic_depth(fn: Any) -> bool:
+    """torchvision.ops.stochastic_depth: the identity at inference."""
+    return getattr(fn, "__name__", "") == "stochastic_depth" and \
+        getattr(fn, "__module__", "").startswith("torchvision.ops")
+
+
 def _classify_method(node: fx.Node, path: str, label: str) -> OpSpec:
     name = _INPLACE_METHODS.get(node.target, node.target)
     fn = _method(name)
@@ -483,7 +527,8 @@ def _classify_method(node: fx.Node, path: str, label: str) -> OpSpec:
                       nonneg="never" if name in ("sub", "__sub__") else "preserve")
     if name in _ELEMENTWISE_METHODS:
         return OpSpec(Kind.ELEMENTWISE, label, path, fn=fn,
-                      nonneg="always" if name in ("sigmoid", "softmax") else "never")
+                      nonneg="always" if name in ("sigmoid", "softmax") else "never",
+                      gate=name == "sigmoid")
     if name in _SCALE_METHODS:
         return OpSpec(Kind.GRADIENT, label, path, fn=fn, product=True)
     raise UnsupportedOperationError(

@@ -18,7 +18,7 @@ from torch import Tensor, fx
 from .canonize import canonize, mark_nonneg, positive_only, spec
 from .composites import Composite, LayerInfo
 from .errors import InputError, RelpropError
-from .functions import IdentityRule, LayerRuleFunction, StabilisedRatio, Tap
+from .functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio, Tap
 from .layers import LayerWeights, fold_batchnorm
 from .optable import Kind, OpSpec, node_location
 from .rules import BoundLayer, Flat, Rule, Tally, WSquare, ZBox
@@ -210,10 +210,21 @@ class Program:
                 rec.edges[i] = []
 
                 def tap(src: int, v: Any, _i: int = i) -> Any:
-                    if isinstance(v, Tensor) and self.steps[src].dynamic and v.requires_grad:
+                    if not self.steps[src].dynamic:
+                        return v
+                    if isinstance(v, Tensor) and v.requires_grad:
                         key = (_i, len(rec.edges[_i]))
-                        rec.edges[_i].append((key, src))
+                        rec.edges[_i].append((key, src, None))
                         return Tap.apply(v, rec.edge_grads, key)
+                    if isinstance(v, tuple | list):  # chunk / split outputs
+                        out = []
+                        for j, e in enumerate(v):
+                            if isinstance(e, Tensor) and e.requires_grad:
+                                key = (_i, len(rec.edges[_i]))
+                                rec.edges[_i].append((key, src, j))
+                                e = Tap.apply(e, rec.edge_grads, key)
+                            out.append(e)
+                        return type(v)(out)
                     return v
 
             args = _resolve(step.args, env, tap)
@@ -235,9 +246,10 @@ class Program:
                         pre = env[step.bypass]
                         pre = tap(step.bypass, pre) if tap is not None else pre
                         kwargs = {**kwargs, "target": pre, "route": "bypass"}
-                    if rec is not None:
-                        rec.tallies[i] = Tally()
-                        kwargs = {**kwargs, "tally": rec.tallies[i]}
+
+                if rec is not None and step.kind in (Kind.LAYER, Kind.NORM):
+                    rec.tallies[i] = Tally()
+                    kwargs = {**kwargs, "tally": rec.tallies[i]}
                 value = step.call(*args, **kwargs)
             except RelpropError:
                 raise
@@ -246,9 +258,15 @@ class Program:
                 raise InputError(
                     f"the model failed at {node_location(step.node)} on input of shape "
                     f"{shapes}: {type(exc).__name__}: {exc}") from exc
-            if rec is not None and step.dynamic and isinstance(value, Tensor) and \
-                    value.requires_grad:
-                value = Tap.apply(value, rec.out_grads, i)
+            if rec is not None and step.dynamic:
+                if isinstance(value, Tensor) and value.requires_grad:
+                    value = Tap.apply(value, rec.out_grads, i)
+                elif isinstance(value, tuple | list) and any(
+                        isinstance(e, Tensor) and e.requires_grad for e in value):
+                    value = type(value)(
+                        Tap.apply(e, rec.out_grads, (i, j))
+                        if isinstance(e, Tensor) and e.requires_grad else e
+                        for j, e in enumerate(value))
             env[i] = value
             if rec is None:
                 for j in step.frees:
@@ -266,6 +284,15 @@ def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
             return StabilisedRatio.apply(fn(*args, **kwargs), eps)
 
         return proportional
+    if s.kind is Kind.NORM:
+        eps_rule = composite.stabilizer
+
+        def layer_norm(x: Tensor, shape: Any, weight: Tensor | None = None,
+                       bias: Tensor | None = None, eps: float = 1e-5, *rest: Any,
+                       tally: Tally | None = None) -> Tensor:
+            return LayerNormRule.apply(x, shape, weight, bias, eps, eps_rule, tally)
+
+        return layer_norm
     if s.kind is Kind.ELEMENTWISE:
 
         def identity_rule(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

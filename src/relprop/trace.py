@@ -8,6 +8,8 @@ produce a `torch.fx.Graph` whose nodes the rest of relprop reads.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +44,8 @@ def trace_fx(model: nn.Module) -> TracedModel:
     """Trace symbolically; raises TraceError with the tracer's reason on failure."""
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        with _eval_mode(model):
+            graph = tracer.trace(model)
     except Exception as exc:  # fx raises many kinds of errors for untraceable code
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
@@ -50,10 +53,27 @@ def trace_fx(model: nn.Module) -> TracedModel:
     return TracedModel(graph=graph, root=model, method="fx")
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Trace with inference semantics (stochastic depth, dropout branches off); restore after.
+
+    Python `if self.training:` branches are resolved while tracing, so the
+    graph must be recorded in eval mode; every module's flag is put back.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...]) -> TracedModel:
     """Trace with torch.export on an example input (for data-dependent Python code)."""
     try:
-        exported = torch.export.export(model, example, strict=False)
+        with _eval_mode(model):
+            exported = torch.export.export(model, example, strict=False)
         module = exported.module()
     except Exception as exc:
         raise TraceError(
