@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_speed.py
+	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python benchmarks/bench_speed.py --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) relprop-out

@@ -129,3 +129,48 @@ def maxpool_layer(x_chw: torch.Tensor, k: int) -> Layer:
     W = np.zeros((out.size, c * h * w))
     W[np.arange(out.size), ch * h * w + out] = 1.0
     return Layer("maxpool", W, np.zeros(out.size))
+
+
+@dataclass
+class Node:
+    """One node of a DAG for the reference: op in input / affine / relu / add / maxpool."""
+
+    op: str
+    src: tuple[int, ...] = ()
+    W: np.ndarray | None = None
+    b: np.ndarray | None = None
+    rule: dict | None = None
+
+
+def propagate_dag(nodes: list[Node], x: np.ndarray, target: int,
+                  sum_eps: float = EPS) -> np.ndarray:
+    """Reference LRP on a DAG (residual adds, reused layers): nodes in forward order,
+    relevance of a node is the sum of what its consumers hand it."""
+    vals: list[np.ndarray] = []
+    for n in nodes:
+        if n.op == "input":
+            vals.append(x.reshape(-1))
+        elif n.op == "relu":
+            vals.append(np.maximum(vals[n.src[0]], 0))
+        elif n.op == "add":
+            vals.append(vals[n.src[0]] + vals[n.src[1]])
+        else:  # affine, maxpool (selection matrix)
+            vals.append(n.W @ vals[n.src[0]] + n.b)
+    R = [np.zeros_like(v) for v in vals]
+    R[-1][target] = vals[-1][target]
+    for i in reversed(range(len(nodes))):
+        n = nodes[i]
+        if n.op == "input":
+            continue
+        if n.op == "relu":
+            R[n.src[0]] += R[i]  # identity rule
+        elif n.op == "add":
+            z = vals[i]
+            den = stab(z, sum_eps) if sum_eps else np.where(z == 0, 1.0, z)
+            for s in n.src:
+                R[s] += vals[s] / den * R[i]
+        elif n.op == "maxpool":
+            R[n.src[0]] += rule_relevance({"name": "lrp0"}, vals[n.src[0]], n.W, n.b, R[i])
+        else:
+            R[n.src[0]] += rule_relevance(n.rule, vals[n.src[0]], n.W, n.b, R[i])
+    return R[0]

@@ -182,10 +182,11 @@ def positive_only(node: fx.Node) -> bool:
         spec(u) is not None and spec(u).zero_below and u.args[0] is node for u in users)
 
 
-def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True) -> set[fx.Node]:
+def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
+             leaves: dict[str, str] | None = None) -> set[fx.Node]:
     """Run all passes; returns the set of input-dependent nodes."""
     if functional:
-        functionalize(graph, root)
+        functionalize(graph, root, leaves)
     dynamic = mark_dynamic(graph)
     classify_nodes(graph, root, dynamic)
     fold_batchnorm(graph)

@@ -57,14 +57,17 @@ class Explainer:
     """Explains one model with one composite; traces once, reused for every batch.
 
     Parameters of the composite (`epsilon`, `gamma`, `alpha`, `beta`, `low`,
-    `high`, `bias`, `top_k`, `stabilizer`) are keywords. The model is never
+    `high`, `bias`, `top_k`, `stabilizer`) are keywords. `leaves` maps module
+    paths to a rule family ("identity", "gradient", "proportional"): that
+    submodule is one operation, not traced into (see relprop.registry). The model is never
     modified: no hooks, no parameter swaps, no change of train/eval mode.
     Explanations always use inference semantics (dropout off, BatchNorm with
     running statistics), whatever mode the model is in.
     """
 
     def __init__(self, model: nn.Module, composite: str | Composite = "epsilon_gamma_box", *,
-                 record: bool = False, **params: Any) -> None:
+                 record: bool = False, leaves: dict[str, str] | None = None,
+                 **params: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -74,7 +77,7 @@ class Explainer:
         self._fx_error: TraceError | None = None
         with preserved(model):
             try:
-                self._program = Program.build(trace_fx(model), self.composite)
+                self._program = Program.build(trace_fx(model, leaves), self.composite)
             except TraceError as exc:
                 self._fx_error = exc
 

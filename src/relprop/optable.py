@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from .errors import UnsupportedOperationError
 from .layers import ConvKernel, Kernel, LinearKernel
+from .registry import function_family, module_family
 
 
 class Kind(Enum):
@@ -166,7 +167,7 @@ def _params(graph: fx.Graph, node: fx.Node, path: str, *names: str) -> list[fx.N
     return out
 
 
-def functionalize(graph: fx.Graph, root: nn.Module) -> None:
+def functionalize(graph: fx.Graph, root: nn.Module, leaves: dict[str, str] | None = None) -> None:
     """Rewrite every call_module node into the equivalent call_function node.
 
     The rewritten graph never calls the user's modules (so their hooks never
@@ -182,6 +183,11 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> None:
         node.meta["relprop_label"] = type(module).__name__
         node.meta["relprop_module_type"] = type(module)
         x = node.args[0] if node.args else node.kwargs.get("input")
+        family = module_family(module, path, leaves or {})
+        if family is not None:  # a leaf chosen by the user: runs its own forward, no hooks
+            node.meta["relprop_family"] = family
+            node.op, node.target = "call_function", _leaf_forward(module)
+            continue
         new = _module_as_function(graph, node, module, path, x)
         if new is None:
             raise UnsupportedOperationError(
@@ -193,6 +199,16 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> None:
         node.target = fn
         node.args = tuple(args)
         node.kwargs = kwargs
+
+
+def _leaf_forward(module: nn.Module) -> Callable[..., Any]:
+    """Call a leaf module's forward directly (its hooks stay silent)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return type(module).forward(module, *args, **kwargs)
+
+    forward.__name__ = type(module).__name__
+    return forward
 
 
 def _module_as_function(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str, x: Any):
@@ -386,6 +402,9 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
     if node.op == "call_method":
         return _classify_method(node, path, label)
     fn = node.target
+    family = node.meta.get("relprop_family") or function_family(fn)
+    if family is not None:
+        return _family_spec(family, fn, label, path)
     if isinstance(fn, torch._ops.OpOverload):
         fn = _aten_as_function(node)
     if fn in _CONV_FUNCTIONS or fn is F.linear:
@@ -505,6 +524,12 @@ def _aten_alias(op: Any, like: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _ALIASES: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _family_spec(family: str, fn: Callable[..., Any], label: str, path: str) -> OpSpec:
+    kind = {"identity": Kind.ELEMENTWISE, "gradient": Kind.GRADIENT,
+            "proportional": Kind.PROPORTIONAL}[family]
+    return OpSpec(kind, label, path, fn=fn)
 
 
 def _is_stochastic_depth(fn: Any) -> bool:

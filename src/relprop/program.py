@@ -143,7 +143,8 @@ class Program:
     @classmethod
     def build(cls, traced: TracedModel, composite: Composite) -> Program:
         graph = traced.graph
-        dynamic = canonize(graph, traced.root, functional=traced.method == "fx")
+        dynamic = canonize(graph, traced.root, functional=traced.method == "fx",
+                           leaves=traced.leaves)
         nonneg = mark_nonneg(graph, dynamic)
         nodes = list(graph.nodes)
         index = {n: i for i, n in enumerate(nodes)}

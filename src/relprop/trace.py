@@ -10,20 +10,32 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from .errors import TraceError
+from .registry import module_family
 
 
 class _Tracer(fx.Tracer):
-    """The stock tracer, with code locations recorded for error messages."""
+    """The stock tracer, with code locations recorded and user-chosen leaf modules."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaves: dict[str, str]) -> None:
         super().__init__()
         self.record_stack_traces = True
+        self.leaves = leaves
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):  # noqa: ANN001, ANN201
+        # Trace through m.forward, not m.__call__: the user's hooks must not fire
+        # (they would see Proxies, and relprop promises to leave hooks alone).
+        return super().call_module(m, lambda *a, **k: m.forward(*a, **k), args, kwargs)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_family(m, module_qualified_name, self.leaves) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass
@@ -38,11 +50,12 @@ class TracedModel:
     graph: fx.Graph
     root: nn.Module
     method: str  # "fx" or "export"
+    leaves: dict[str, str] = field(default_factory=dict)  # module path -> rule family
 
 
-def trace_fx(model: nn.Module) -> TracedModel:
+def trace_fx(model: nn.Module, leaves: dict[str, str] | None = None) -> TracedModel:
     """Trace symbolically; raises TraceError with the tracer's reason on failure."""
-    tracer = _Tracer()
+    tracer = _Tracer(leaves or {})
     try:
         with _eval_mode(model):
             graph = tracer.trace(model)
@@ -50,7 +63,7 @@ def trace_fx(model: nn.Module) -> TracedModel:
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
         ) from exc
-    return TracedModel(graph=graph, root=model, method="fx")
+    return TracedModel(graph=graph, root=model, method="fx", leaves=leaves or {})
 
 
 @contextlib.contextmanager
