@@ -11,6 +11,7 @@ from .errors import (
 )
 from .explain import Explainer, Explanation, explain
 from .ledger import Ledger, LedgerEntry
+from .recurrent import RecurrentRule
 from .registry import register_function, register_module
 from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
 
@@ -19,7 +20,7 @@ __all__ = [
     "CompositeError", "InputError", "RelpropError", "TargetError", "TraceError",
     "UnsupportedOperationError",
     "Explainer", "Explanation", "explain", "Ledger", "LedgerEntry",
-    "register_function", "register_module",
+    "register_function", "register_module", "RecurrentRule",
     "LRP0", "AlphaBeta", "Epsilon", "Flat", "Gamma", "Rule", "WSquare", "ZBox", "ZPlus",
 ]
 __version__ = "0.1.0"

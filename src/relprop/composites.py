@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from .errors import CompositeError
+from .recurrent import RecurrentRule
 from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
 
 
@@ -56,6 +57,19 @@ class Composite:
     stabilizer: float = 1e-6
     top_k: float | None = None
     name: str = "custom"
+    recurrent: RecurrentRule = field(default_factory=RecurrentRule)
+
+    def rule_for_recurrent(self, layer: LayerInfo) -> RecurrentRule:
+        """LSTM/GRU: a RecurrentRule by name pattern or type, else the composite's."""
+        for pattern, rule in self.by_name.items():
+            if isinstance(rule, RecurrentRule) and (fnmatch.fnmatchcase(layer.path, pattern)
+                                                    or layer.name == pattern):
+                return rule
+        for key, rule in self.by_type.items():
+            if isinstance(rule, RecurrentRule) and isinstance(key, type) and \
+                    layer.layer_type is not None and issubclass(layer.layer_type, key):
+                return rule
+        return self.recurrent
 
     def rule_for(self, layer: LayerInfo) -> Rule:
         for pattern, rule in self.by_name.items():
@@ -75,8 +89,10 @@ class Composite:
         return self.default
 
 
-def _uniform(rule: Rule, name: str, stabilizer: float, top_k: float | None) -> Composite:
-    return Composite(default=rule, stabilizer=stabilizer, top_k=top_k, name=name)
+def _uniform(rule: Rule, name: str, stabilizer: float, top_k: float | None,
+             recurrent: RecurrentRule) -> Composite:
+    return Composite(default=rule, stabilizer=stabilizer, top_k=top_k, name=name,
+                     recurrent=recurrent)
 
 
 def _bounds(name: str, low: float | Tensor | None, high: float | Tensor | None) -> ZBox:
@@ -110,6 +126,7 @@ def make_composite(
     """A preset by name (see PRESETS), or the given Composite unchanged."""
     if isinstance(name, Composite):
         return name
+    recurrent = RecurrentRule(bias=bias) if bias != "absorb" else RecurrentRule()
     if top_k is not None and not 0 < top_k <= 1:
         raise CompositeError(f"top_k={top_k}: the fraction of relevance kept must be in (0, 1]")
     eps = Epsilon(epsilon=epsilon, bias=bias)
@@ -121,16 +138,16 @@ def make_composite(
 
     def mixed(conv: Rule, first: Rule | None = None) -> Composite:
         return Composite(by_type={**linear, "conv": conv}, first=first, default=eps,
-                         stabilizer=stabilizer, top_k=top_k, name=name)
+                         stabilizer=stabilizer, top_k=top_k, name=name, recurrent=recurrent)
 
     if name == "lrp0":
-        return _uniform(LRP0(bias=bias), name, 0.0, top_k)
+        return _uniform(LRP0(bias=bias), name, 0.0, top_k, recurrent)
     simple = {"epsilon": eps, "gamma": gam, "zplus": zplus, "alpha_beta": ab,
               "flat": Flat(), "wsquare": WSquare(bias=bias)}
     if name in simple:
-        return _uniform(simple[name], name, stabilizer, top_k)
+        return _uniform(simple[name], name, stabilizer, top_k, recurrent)
     if name == "zbox":
-        return _uniform(_bounds(name, low, high), name, stabilizer, top_k)
+        return _uniform(_bounds(name, low, high), name, stabilizer, top_k, recurrent)
     if name == "epsilon_gamma_box":
         return mixed(gam, _bounds(name, low, high))
     if name == "epsilon_plus":
@@ -144,7 +161,7 @@ def make_composite(
     if name == "layer_position":
         return LayerPosition(first=_bounds(name, low, high), gamma_rule=gam, epsilon_rule=eps,
                              last=LRP0(bias=bias), stabilizer=stabilizer, top_k=top_k,
-                             name=name)
+                             name=name, recurrent=recurrent)
     raise CompositeError(f"unknown composite {name!r}; presets: {', '.join(PRESETS)}")
 
 

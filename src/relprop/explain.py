@@ -110,6 +110,10 @@ class Explainer:
         inputs = _check_inputs(x)
         if start not in STARTS:
             raise RelpropError(f"start={start!r}: choose one of {', '.join(STARTS)}")
+        if record and inputs[0].shape[0] > 1:
+            # One sample at a time: per-sample balances need no knowledge of where the
+            # batch dimension sits in intermediate tensors (seq-first RNN code, say).
+            batch_size = 1
         if batch_size is not None:
             return self._explain_chunked(inputs, target, output_relevance, start, record,
                                          batch_size, progress, single=isinstance(x, Tensor))
@@ -191,15 +195,18 @@ class Explainer:
             part = self.explain(tuple(x[sl] for x in inputs), t, output_relevance=o, start=start,
                                 record=record)
             parts.append(part)
-        rel = tuple(torch.cat([p.relevance[i] for p in parts]) for i in range(len(inputs)))
-        layers = None
+        rel = tuple(torch.cat([_as_tuple(p.relevance)[i] for p in parts])
+                    for i in range(len(inputs)))
+        layers = ledger = None
         if record:
-            layers = {k: torch.cat([p.layers[k] for p in parts]) for k in parts[0].layers}
+            layers = {k: _join_maps([p.layers[k] for p in parts], batch_size)
+                      for k in parts[0].layers}
+            ledger = _join_ledgers([p.ledger for p in parts])
         return Explanation(relevance=rel[0] if single else rel,
                            output=torch.cat([p.output for p in parts]),
                            target=torch.cat([p.target for p in parts]),
                            explained=torch.cat([p.explained for p in parts]),
-                           composite=self.composite.name, layers=layers)
+                           composite=self.composite.name, layers=layers, _ledger=ledger)
 
 
 def explain(model: nn.Module, x: Tensor | tuple[Tensor, ...], target: Target = None, *,
@@ -325,6 +332,34 @@ def _relevance(leaves: tuple[Tensor, ...], grads: Sequence[Tensor | None], sink_
 
 def _placeholder_step(run: RunResult, p: int) -> int:
     return run.placeholder_steps[p]
+
+
+def _as_tuple(r: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (r,) if isinstance(r, Tensor) else r
+
+
+def _join_maps(maps: list[Tensor], chunk: int) -> Tensor:
+    """Chunks' relevance maps: batch-first ones are concatenated; any other layout (a
+    seq-first intermediate) is stacked with a new leading sample dimension."""
+    if all(m.shape[0] == min(chunk, m.shape[0]) for m in maps) and maps[0].shape[0] == chunk:
+        return torch.cat(maps)
+    if chunk == 1 and all(m.shape[0] == 1 for m in maps):
+        return torch.cat(maps)
+    return torch.stack(maps)
+
+
+def _join_ledgers(ledgers: list[Ledger]) -> Ledger:
+    from .ledger import LedgerEntry
+
+    entries = []
+    for parts in zip(*(lg.entries for lg in ledgers), strict=True):
+        e = parts[0]
+        entries.append(LedgerEntry(
+            e.node, e.op, e.path, e.rule,
+            *(torch.cat([getattr(q, f) for q in parts])
+              for f in ("relevance_in", "relevance_out", "bias", "stabiliser"))))
+    return Ledger(entries, torch.cat([lg.explained for lg in ledgers]),
+                  torch.cat([lg.at_input for lg in ledgers]))
 
 
 def _stack_ledgers(ledgers: list[Ledger]) -> Ledger:

@@ -48,6 +48,7 @@ class Kind(Enum):
     PROPORTIONAL = "proportional"
     ELEMENTWISE = "elementwise"
     NORM = "norm"
+    RECURRENT = "recurrent"
     META = "meta"
 
 
@@ -68,6 +69,7 @@ class OpSpec:
     bn_eps: float = 1e-5  # BATCHNORM, or a LAYER with a BatchNorm folded in
     folded: str | None = None  # path of the BatchNorm folded into this LAYER
     constant_summand: bool = False  # PROPORTIONAL with a constant term (absorbs like a bias)
+    module: Any = None  # RECURRENT: the nn.LSTM / nn.GRU it runs
 
 
 def _identity(x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -188,6 +190,10 @@ def functionalize(graph: fx.Graph, root: nn.Module, leaves: dict[str, str] | Non
             node.meta["relprop_family"] = family
             node.op, node.target = "call_function", _leaf_forward(module)
             continue
+        if isinstance(module, _RECURRENT):
+            node.meta["relprop_recurrent"] = module
+            node.op, node.target = "call_function", _recurrent_marker(module)
+            continue
         new = _module_as_function(graph, node, module, path, x)
         if new is None:
             raise UnsupportedOperationError(
@@ -199,6 +205,19 @@ def functionalize(graph: fx.Graph, root: nn.Module, leaves: dict[str, str] | Non
         node.target = fn
         node.args = tuple(args)
         node.kwargs = kwargs
+
+
+_RECURRENT = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
+
+
+def _recurrent_marker(module: nn.Module) -> Callable[..., Any]:
+    """Placeholder target; the program runs the module with relprop's recurrent rule."""
+
+    def recurrent(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("recurrent nodes are run by the program")
+
+    recurrent.__name__ = type(module).__name__
+    return recurrent
 
 
 def _leaf_forward(module: nn.Module) -> Callable[..., Any]:
@@ -333,6 +352,13 @@ GATES = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _SCALE = {operator.mul, torch.mul, operator.truediv, torch.div, operator.neg, torch.neg,
           operator.imul, operator.itruediv}
 _META = {getattr, len}
+# New tensors whose values do not depend on the input's values (only on its shape).
+_CONSTANT_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,
+                       torch.zeros, torch.ones, torch.full, torch.arange, torch.empty}
+_CONSTANT_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
+_ATEN_CONSTANT = {"zeros_like", "ones_like", "full_like", "empty_like", "zeros", "ones", "full",
+                  "arange", "empty", "new_zeros", "new_ones", "new_full", "new_empty",
+                  "scalar_tensor"}
 _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
             operator.imul: operator.mul, operator.itruediv: operator.truediv,
             torch.relu_: torch.relu, F.relu_: F.relu}
@@ -402,10 +428,16 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
     if node.op == "call_method":
         return _classify_method(node, path, label)
     fn = node.target
+    if "relprop_recurrent" in node.meta:
+        module = node.meta["relprop_recurrent"]
+        return OpSpec(Kind.RECURRENT, label, path, module=module, layer_type=type(module))
     family = node.meta.get("relprop_family") or function_family(fn)
     if family is not None:
         return _family_spec(family, fn, label, path)
     if isinstance(fn, torch._ops.OpOverload):
+        if fn._opname in ("lstm_cell", "gru_cell"):
+            return OpSpec(Kind.RECURRENT, label, path, module=fn._opname,
+                          layer_type=nn.LSTMCell if fn._opname == "lstm_cell" else nn.GRUCell)
         fn = _aten_as_function(node)
     if fn in _CONV_FUNCTIONS or fn is F.linear:
         a = _bind(fn, node.args, node.kwargs)
@@ -460,6 +492,8 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
         return OpSpec(Kind.GRADIENT, label, path, fn=run(meaning), product=True)
     if meaning in _META:
         return OpSpec(Kind.META, label, path, fn=run(meaning))
+    if meaning in _CONSTANT_FUNCTIONS:
+        return OpSpec(Kind.META, label, path, fn=run(meaning))
     raise UnsupportedOperationError(f"no relevance rule for {node_location(node)}")
 
 
@@ -504,7 +538,7 @@ def _aten_as_function(node: fx.Node) -> Callable[..., Any]:
         return _ATEN_KINDS.setdefault(op, _aten_alias(op, same))
     if name in _ATEN_MOVES:
         return _ATEN_KINDS.setdefault(op, _aten_alias(op, torch.flatten))
-    if name in _ATEN_META:
+    if name in _ATEN_META or name in _ATEN_CONSTANT:
         return _ATEN_KINDS.setdefault(op, _aten_alias(op, getattr))
     return op
 
@@ -545,7 +579,7 @@ def _classify_method(node: fx.Node, path: str, label: str) -> OpSpec:
         return OpSpec(Kind.GRADIENT, label, path, fn=fn, zero_below=True, nonneg="always")
     if name in _MOVE_METHODS:
         return OpSpec(Kind.GRADIENT, label, path, fn=fn, nonneg="preserve")
-    if name in _META_METHODS:
+    if name in _META_METHODS or name in _CONSTANT_METHODS:
         return OpSpec(Kind.META, label, path, fn=fn)
     if name in _SUM_METHODS:
         return OpSpec(Kind.PROPORTIONAL, label, path, fn=fn,

@@ -8,6 +8,7 @@ always explains the model as it is now and never writes to it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from .errors import InputError, RelpropError
 from .functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio, Tap
 from .layers import LayerWeights, fold_batchnorm
 from .optable import Kind, OpSpec, node_location
+from .recurrent import RecurrentRule, run_aten_cell, run_recurrent
 from .rules import BoundLayer, Flat, Rule, Tally, WSquare, ZBox
 from .trace import TracedModel, attribute
 
@@ -100,7 +102,7 @@ class Step:
     args: Any
     kwargs: Any
     dynamic: bool
-    rule: Rule | None = None
+    rule: Rule | RecurrentRule | None = None
     sink: bool = False  # direct relevance goes to a sink beside the model input
     bypass: int | None = None  # ...or enters at this step's output (a ReLU's input)
     frees: list[int] = field(default_factory=list)
@@ -157,7 +159,16 @@ class Program:
             args, kwargs = _template(node.args, index), _template(node.kwargs, index)
             step = Step(node, node.op, s.kind if s else None, None, args, kwargs,
                         node in dynamic)
-            if s is not None and s.kind is Kind.LAYER:
+            if s is not None and s.kind is Kind.RECURRENT:
+                info = LayerInfo(node.name, s.path, s.layer_type, "recurrent", -1, len(ranked))
+                step.rule = composite.rule_for_recurrent(info)
+                if isinstance(s.module, str):  # aten.lstm_cell / aten.gru_cell (export)
+                    step.call = functools.partial(run_aten_cell, s.module, step.rule)
+                else:
+                    step.call = functools.partial(run_recurrent, s.module, step.rule)
+                x = node.args[0]
+                step.sink = isinstance(x, fx.Node) and x.op == "placeholder"
+            elif s is not None and s.kind is Kind.LAYER:
                 info = LayerInfo(node.name, s.path, s.layer_type, s.kernel.kind,
                                  rank.get(node, -1), len(ranked))
                 rule = composite.rule_for(info)
@@ -237,7 +248,7 @@ class Program:
                 break
             kwargs = _resolve(step.kwargs, env, tap)
             try:
-                if step.kind is Kind.LAYER:
+                if step.kind in (Kind.LAYER, Kind.RECURRENT):
                     if step.sink:
                         src = step.args[0].index
                         sink = torch.zeros_like(args[0], requires_grad=True)
@@ -248,7 +259,7 @@ class Program:
                         pre = tap(step.bypass, pre) if tap is not None else pre
                         kwargs = {**kwargs, "target": pre, "route": "bypass"}
 
-                if rec is not None and step.kind in (Kind.LAYER, Kind.NORM):
+                if rec is not None and step.kind in (Kind.LAYER, Kind.NORM, Kind.RECURRENT):
                     rec.tallies[i] = Tally()
                     kwargs = {**kwargs, "tally": rec.tallies[i]}
                 value = step.call(*args, **kwargs)
