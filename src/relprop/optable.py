@@ -66,6 +66,7 @@ class OpSpec:
     nonneg: str = "never"  # output >= 0: "always", "preserve" (if its inputs are), "never"
     product: bool = False  # multiplication/division: rule only while one factor is constant
     gate: bool = False  # output in [0, 1] (sigmoid, hardsigmoid): a gate when it multiplies
+    pure_move: bool = False  # one-to-one rearrangement (reshape, permute, ...): invertible
     bn_eps: float = 1e-5  # BATCHNORM, or a LAYER with a BatchNorm folded in
     folded: str | None = None  # path of the BatchNorm folded into this LAYER
     constant_summand: bool = False  # PROPORTIONAL with a constant term (absorbs like a bias)
@@ -335,6 +336,12 @@ _MOVE_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
     F.adaptive_max_pool3d, F.pad, F.leaky_relu, _identity,
 }
+_PURE_MOVES = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+               torch.unsqueeze, torch.unflatten, torch.movedim, torch.swapaxes, torch.t,
+               torch.clone, _identity}
+_PURE_MOVE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous",
+                      "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as", "movedim",
+                      "swapaxes", "t", "clone"}
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
             F.feature_alpha_dropout}
 _SUM_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub, operator.iadd,
@@ -473,9 +480,10 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
     if meaning in _MOVE_FUNCTIONS:
         nonneg = "never" if meaning in (F.leaky_relu, F.pad) else "preserve"
         return OpSpec(Kind.GRADIENT, label, path, fn=run(_without_inplace(meaning)),
-                      nonneg=nonneg)
+                      nonneg=nonneg, pure_move=meaning in _PURE_MOVES)
     if meaning in _DROPOUT or _is_stochastic_depth(meaning):
-        return OpSpec(Kind.GRADIENT, label, path, fn=_identity, nonneg="preserve")
+        return OpSpec(Kind.GRADIENT, label, path, fn=_identity, nonneg="preserve",
+                      pure_move=True)
     if meaning in _SUM_FUNCTIONS:
         sub = meaning in (operator.sub, torch.sub, operator.isub)
         return OpSpec(Kind.PROPORTIONAL, label, path, fn=run(meaning),
@@ -578,7 +586,8 @@ def _classify_method(node: fx.Node, path: str, label: str) -> OpSpec:
     if name == "relu":
         return OpSpec(Kind.GRADIENT, label, path, fn=fn, zero_below=True, nonneg="always")
     if name in _MOVE_METHODS:
-        return OpSpec(Kind.GRADIENT, label, path, fn=fn, nonneg="preserve")
+        return OpSpec(Kind.GRADIENT, label, path, fn=fn, nonneg="preserve",
+                      pure_move=name in _PURE_MOVE_METHODS)
     if name in _META_METHODS or name in _CONSTANT_METHODS:
         return OpSpec(Kind.META, label, path, fn=fn)
     if name in _SUM_METHODS:

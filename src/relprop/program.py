@@ -103,7 +103,9 @@ class Step:
     kwargs: Any
     dynamic: bool
     rule: Rule | RecurrentRule | None = None
-    sink: bool = False  # direct relevance goes to a sink beside the model input
+    # direct relevance goes to a sink beside the model input, through these move steps
+    # (reshape, flatten, ...: [placeholder, move, move, ...]), so zero inputs get theirs
+    sink_chain: list[int] | None = None
     bypass: int | None = None  # ...or enters at this step's output (a ReLU's input)
     frees: list[int] = field(default_factory=list)
 
@@ -167,7 +169,7 @@ class Program:
                 else:
                     step.call = functools.partial(run_recurrent, s.module, step.rule)
                 x = node.args[0]
-                step.sink = isinstance(x, fx.Node) and x.op == "placeholder"
+                step.sink_chain = _move_chain(x, index)
             elif s is not None and s.kind is Kind.LAYER:
                 info = LayerInfo(node.name, s.path, s.layer_type, s.kernel.kind,
                                  rank.get(node, -1), len(ranked))
@@ -178,9 +180,9 @@ class Program:
                 step.rule = rule
                 step.call = LayerCall(s, rule, flags)
                 if needs_sink(rule) and isinstance(x, fx.Node):
-                    if x.op == "placeholder":
-                        step.sink = True
-                    elif _identity_activation(x) and isinstance(x.args[0], fx.Node):
+                    step.sink_chain = _move_chain(x, index)
+                    if step.sink_chain is None and _identity_activation(x) and \
+                            isinstance(x.args[0], fx.Node):
                         step.bypass = index[x.args[0]]
             elif s is not None:
                 step.call = _step_call(s, composite)
@@ -249,11 +251,16 @@ class Program:
             kwargs = _resolve(step.kwargs, env, tap)
             try:
                 if step.kind in (Kind.LAYER, Kind.RECURRENT):
-                    if step.sink:
-                        src = step.args[0].index
-                        sink = torch.zeros_like(args[0], requires_grad=True)
+                    if step.sink_chain is not None:
+                        src = step.sink_chain[0]
+                        sink = torch.zeros_like(env[src], requires_grad=True)
                         sinks[i], sink_sources[i] = sink, src
-                        kwargs = {**kwargs, "target": sink, "route": "sink"}
+                        target = sink
+                        for j in step.sink_chain[1:]:  # the same moves, applied to the sink
+                            move = self.steps[j]
+                            rest = _resolve(move.args[1:], env, None)
+                            target = move.call(target, *rest, **_resolve(move.kwargs, env, None))
+                        kwargs = {**kwargs, "target": target, "route": "sink"}
                     elif step.bypass is not None:
                         pre = env[step.bypass]
                         pre = tap(step.bypass, pre) if tap is not None else pre
@@ -312,6 +319,27 @@ def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
 
         return identity_rule
     return fn
+
+
+def _move_chain(x: Any, index: dict[fx.Node, int]) -> list[int] | None:
+    """[placeholder, move, ...] if x is a model input seen through pure moves, else None.
+
+    Moves (reshape, view, flatten, permute, transpose, squeeze, ...) carry values
+    one to one, so their gradient carries relevance back to the input exactly.
+    """
+    chain: list[int] = []
+    while isinstance(x, fx.Node):
+        if x.op == "placeholder":
+            return [index[x], *reversed(chain)]
+        s = spec(x)
+        if s is None or not s.pure_move or not x.args or not isinstance(x.args[0], fx.Node):
+            return None
+        others = [a for a in _args_of(x) if a is not x.args[0]]
+        if any(spec(a) is not None and spec(a).kind is not Kind.META for a in others):
+            return None  # a second data input: not a pure rearrangement of one tensor
+        chain.append(index[x])
+        x = x.args[0]
+    return None
 
 
 def _identity_activation(node: fx.Node) -> bool:

@@ -355,11 +355,14 @@ def run_recurrent(module: nn.Module, rule: RecurrentRule, x: Tensor, hx: Any = N
         if x.dim() != 2:
             raise UnsupportedOperationError(f"{type(module).__name__} needs a batch (B, E)")
         seq = x[:, None]
+        target = None if target is None else target[:, None]
     else:
         if x.dim() != 3:
             raise UnsupportedOperationError(
                 f"{type(module).__name__} needs a batched input (3-D), got {x.dim()}-D")
         seq = x if module.batch_first else x.transpose(0, 1)
+        if target is not None and not module.batch_first:
+            target = target.transpose(0, 1)
     batch = seq.shape[0]
     k = getattr(module, "num_layers", 1) * (2 if getattr(module, "bidirectional", False) else 1)
     zeros = seq.new_zeros(k, batch, hidden)

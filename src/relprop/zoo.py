@@ -9,6 +9,7 @@ from torch import nn
 
 DATA = Path(__file__).parent / "data"
 MNIST_WEIGHTS = DATA / "mnist_cnn.pt"
+MNIST_LSTM_WEIGHTS = DATA / "mnist_lstm.pt"
 
 
 class MnistCNN(nn.Module):
@@ -64,3 +65,46 @@ def train_mnist_cnn(epochs: int = 10, seed: int = 0, log=print) -> tuple[MnistCN
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     return (model(x).argmax(1) == y).float().mean().item()
+
+
+class MnistLSTM(nn.Module):
+    """Reads a 28x28 digit row by row (28 steps of 28 pixels); classifies the last state."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(28, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x.reshape(x.shape[0], 28, 28))
+        return self.fc(out[:, -1])
+
+
+def mnist_lstm(weights: Path | str | None = MNIST_LSTM_WEIGHTS) -> MnistLSTM:
+    model = MnistLSTM()
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def train_mnist_lstm(epochs: int = 12, seed: int = 0, log=print) -> tuple[MnistLSTM, float]:
+    """Train the row-reading LSTM on the 4,000 training digits; returns it and test accuracy."""
+    from .datasets import load_mnist
+
+    torch.manual_seed(seed)
+    x, y = load_mnist("train")
+    xt, yt = load_mnist("test")
+    model = MnistLSTM()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = order[i:i + 64]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = accuracy(model, xt, yt)
+        log(f"epoch {epoch + 1}: loss {loss.item():.3f}, test accuracy {acc:.3f}")
+    return model.eval(), acc
