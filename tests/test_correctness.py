@@ -189,3 +189,16 @@ def test_top_k_filter_keeps_the_fraction_asked() -> None:
     torch.testing.assert_close(expl.relevance, r0, rtol=1e-9, atol=1e-12)
     full = relprop.explain(model, x, target=0, composite="epsilon")
     assert not torch.allclose(full.relevance, r0)
+
+
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_gamma_box", "epsilon_plus",
+                                       "epsilon_alpha2_beta1", "gamma", "lrp0"])
+def test_fast_path_equals_the_general_path(composite: str) -> None:
+    """Layer+ReLU pairs run fused unless recording; both must give the same relevance."""
+    model = with_biases(ModuleCNN(), 0.2).double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    ex = relprop.Explainer(model, composite=composite, low=-3.0, high=3.0)
+    assert any(s.fast is not None for s in ex.program.steps) or composite == "lrp0"
+    fast = ex(x, target=1)
+    general = ex(x, target=1, record=True)
+    torch.testing.assert_close(fast.relevance, general.relevance, rtol=1e-9, atol=1e-12)

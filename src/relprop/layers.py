@@ -41,7 +41,7 @@ class LinearKernel:
     def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return F.linear(x, w, b)
 
-    def transpose(self, s: Tensor, w: Tensor, x: Tensor) -> Tensor:
+    def transpose(self, s: Tensor, w: Tensor, x: Tensor | torch.Size) -> Tensor:
         return s.matmul(w)
 
     def bias_like(self, b: Tensor, z: Tensor) -> Tensor:
@@ -68,8 +68,11 @@ class ConvKernel:
     def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return _CONV[self.ndim](x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
-    def transpose(self, s: Tensor, w: Tensor, x: Tensor) -> Tensor:
-        # The input-gradient half of convolution_backward is exactly W^T s.
+    def transpose(self, s: Tensor, w: Tensor, x: Tensor | torch.Size) -> Tensor:
+        # The input-gradient half of convolution_backward is exactly W^T s. Only the
+        # input's shape matters: a zero-stride empty tensor stands in when x is not kept.
+        if not isinstance(x, Tensor):
+            x = s.new_empty(1).expand(x)
         return torch.ops.aten.convolution_backward(
             s, x, w, None, list(self.stride), list(self.padding), list(self.dilation),
             False, [0] * self.ndim, self.groups, [True, False, False],
@@ -140,6 +143,7 @@ class LayerWeights:
         self.w = w
         self.b = b
         self._cache: dict[tuple, Tensor | None] = {}
+        self.extra: dict[object, Tensor] = {}  # rules' own per-weights caches (z-box maps)
 
     def weight(self, mod: str, gamma: float = 0.0) -> Tensor:
         key = ("w", mod, gamma)

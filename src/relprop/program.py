@@ -20,6 +20,7 @@ from .canonize import canonize, mark_nonneg, positive_only, spec
 from .composites import Composite, LayerInfo
 from .errors import InputError, RelpropError
 from .functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio, Tap
+from .fused import FusedReluLayer, fusable
 from .layers import LayerWeights, fold_batchnorm
 from .optable import Kind, OpSpec, node_location
 from .recurrent import RecurrentRule, run_aten_cell, run_recurrent
@@ -90,6 +91,13 @@ class LayerCall:
         bound = BoundLayer(self.op.kernel, weights, **self.flags)
         return LayerRuleFunction.apply(x, target, route, bound, self.rule, tally)
 
+    def fused_relu(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
+                   gamma=None, beta=None) -> Tensor:
+        """relu(layer(x)) in one Function (relprop.fused): the fast path."""
+        weights = self.weights((w, b, mean, var, gamma, beta))
+        bound = BoundLayer(self.op.kernel, weights, **self.flags)
+        return FusedReluLayer.apply(x, bound, self.rule)
+
 
 @dataclass
 class Step:
@@ -107,6 +115,7 @@ class Step:
     # (reshape, flatten, ...: [placeholder, move, move, ...]), so zero inputs get theirs
     sink_chain: list[int] | None = None
     bypass: int | None = None  # ...or enters at this step's output (a ReLU's input)
+    fast: Callable[..., Any] | None = None  # replaces `call` when not recording (fused ReLU)
     frees: list[int] = field(default_factory=list)
 
     @property
@@ -192,6 +201,7 @@ class Program:
                 name = str(node.target)
                 step.call = lambda obj, *a, _n=name, **k: getattr(obj, _n)(*a, **k)
             steps.append(step)
+        _fuse_relus(steps, nodes, index, nonneg, composite)
         _plan_frees(steps, nodes, index)
         return cls(steps, traced, composite)
 
@@ -269,7 +279,8 @@ class Program:
                 if rec is not None and step.kind in (Kind.LAYER, Kind.NORM, Kind.RECURRENT):
                     rec.tallies[i] = Tally()
                     kwargs = {**kwargs, "tally": rec.tallies[i]}
-                value = step.call(*args, **kwargs)
+                call = step.fast if (rec is None and step.fast is not None) else step.call
+                value = call(*args, **kwargs)
             except RelpropError:
                 raise
             except Exception as exc:
@@ -319,6 +330,39 @@ def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
 
         return identity_rule
     return fn
+
+
+def _fuse_relus(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, int],
+                nonneg: set[fx.Node], composite: Composite) -> None:
+    """Layer -> ReLU pairs whose rule the fast path computes: run as one Function.
+
+    Not when recording (the ledger wants the two nodes apart), with a relevance
+    filter, or when a later rule must route relevance to the ReLU's input.
+    """
+    if composite.top_k is not None:
+        return
+    bypassed = {s.bypass for s in steps if s.bypass is not None}
+    for i, step in enumerate(steps):
+        if step.kind is not Kind.LAYER or step.sink_chain is not None or i in bypassed:
+            continue
+        node = nodes[i]
+        users = list(node.users)
+        if len(users) != 1:
+            continue
+        relu = users[0]
+        rs = spec(relu)
+        if rs is None or not rs.zero_below or rs.kind is not Kind.GRADIENT or \
+                relu.args[0] is not node or len(relu.args) > 1:
+            continue
+        if not fusable(step.rule, node.args[0] in nonneg) or \
+                step.node.meta["relprop"].kernel.kind == "affine":
+            continue
+        step.fast = step.call.fused_relu
+        steps[index[relu]].fast = _passthrough
+
+
+def _passthrough(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return x
 
 
 def _move_chain(x: Any, index: dict[fx.Node, int]) -> list[int] | None:

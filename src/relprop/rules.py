@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import CompositeError
-from .layers import Kernel, LayerWeights
+from .layers import ConvKernel, Kernel, LayerWeights, LinearKernel
 
 BIAS_MODES = ("absorb", "ignore", "distribute")
 # Stabiliser used where a rule asks for none (LRP-0 with a filter, ignored bias):
@@ -387,6 +387,24 @@ class WSquare(Rule):
         return out
 
 
+def _three_transposes(layer: BoundLayer, s: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """W^T s, W+^T s, W-^T s; one call with the weights stacked where the kernel allows."""
+    kernel = layer.kernel
+    stackable = isinstance(kernel, LinearKernel) or (
+        isinstance(kernel, ConvKernel) and kernel.groups == 1)
+    if not stackable:
+        return layer.t(s, "plain", x), layer.t(s, "pos", x), layer.t(s, "neg", x)
+    cache = layer.weights.extra
+    if "stacked" not in cache:
+        w = layer.weights
+        cache["stacked"] = torch.cat([w.weight("plain"), w.weight("pos"), w.weight("neg")], 1)
+    dim = x.dim() - 1 if isinstance(kernel, LinearKernel) else 1
+    shape = list(x.shape)
+    shape[dim] *= 3
+    out = kernel.transpose(s, cache["stacked"], torch.Size(shape))
+    return out.chunk(3, dim=dim)
+
+
 @dataclass(frozen=True, eq=False)
 class ZBox(Rule):
     """z-box (z^B) for bounded inputs low <= x <= high, meant for the input layer."""
@@ -403,9 +421,14 @@ class ZBox(Rule):
                 torch.broadcast_to(high, x.shape).contiguous())
 
     def forward(self, layer, x):
-        low, high = self._bounds(x)
         z = layer.apply(x, "plain", "plain")
-        return z, (layer.apply(low, "pos") + layer.apply(high, "neg"),)
+        # W+ low + W- high depends only on the shape and the weights: computed once
+        key = ("zbox", tuple(x.shape), x.dtype, id(self))
+        cache = layer.weights.extra
+        if key not in cache:
+            low, high = self._bounds(x)
+            cache[key] = layer.apply(low, "pos") + layer.apply(high, "neg")
+        return z, (cache[key],)
 
     def backward(self, layer, x, z, state, incoming, tally):
         (zlh,) = state
@@ -414,7 +437,8 @@ class ZBox(Rule):
         den = stabilize(d, self.epsilon)
         s = incoming.relevance() / den
         low, high = self._bounds(x)
-        r = x * layer.t(s, "plain", x) - low * layer.t(s, "pos", x) - high * layer.t(s, "neg", x)
+        t_plain, t_pos, t_neg = _three_transposes(layer, s, x)
+        r = x * t_plain - low * t_pos - high * t_neg
         if tally is not None:
             tally.add(stabiliser=s * (den - d))
         return Propagated(relevance=r)
