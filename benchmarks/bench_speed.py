@@ -23,7 +23,8 @@ import sys
 import time
 
 RELPROP = ["relprop:epsilon", "relprop:epsilon_gamma_box", "relprop:epsilon_plus",
-           "relprop:epsilon_alpha2_beta1", "relprop:lrp0"]
+           "relprop:epsilon_alpha2_beta1", "relprop:lrp0",
+           "relprop10:epsilon_gamma_box", "relprop10:epsilon_gamma_box/separate"]
 PEERS = ["zennit:EpsilonGammaBox", "zennit:EpsilonPlusFlat", "captum:LRP"]
 
 
@@ -58,6 +59,16 @@ def method_fn(model, method: str, x):
 
         explainer = relprop.Explainer(model, composite=name, low=-3.0, high=3.0)
         return lambda: explainer(x, target=target).relevance
+    if kind == "relprop10":  # ten classes: one call, or ten calls (the "x ten calls" ratio)
+        import relprop
+
+        explainer = relprop.Explainer(model, composite=name, low=-3.0, high=3.0)
+        classes = list(range(10))
+        if name.endswith("/separate"):
+            explainer = relprop.Explainer(model, composite=name.split("/")[0], low=-3.0,
+                                          high=3.0)
+            return lambda: [explainer(x, target=t).relevance for t in classes]
+        return lambda: explainer(x, target=classes).relevance
     if kind == "zennit":
         from zennit import composites as zc
         from zennit.attribution import Gradient

@@ -168,10 +168,16 @@ class Explainer:
             grads = torch.autograd.grad(flat, wrt, seeds[0], allow_unused=True)
             relevance = tuple(r.unsqueeze(1) for r in _relevance(leaves, grads, sink_ids, run))
         else:
-            grads = torch.autograd.grad(flat, wrt, seeds, is_grads_batched=True,
-                                        allow_unused=True)
-            relevance = tuple(r.movedim(0, 1)
-                              for r in _relevance(leaves, grads, sink_ids, run, batched=K))
+            # One shared forward, then one backward per target over the kept graph.
+            # (autograd's is_grads_batched runs convolution backward sample by sample
+            # under its legacy vmap, which measured slower than this loop.)
+            per_target = []
+            for k in range(K):
+                grads = torch.autograd.grad(flat, wrt, seeds[k], retain_graph=k < K - 1,
+                                            allow_unused=True)
+                per_target.append(_relevance(leaves, grads, sink_ids, run))
+            relevance = tuple(torch.stack([r[p] for r in per_target], 1)
+                              for p in range(len(leaves)))
         if not multi:
             relevance = tuple(r.squeeze(1) for r in relevance)
             index, explained = index[:, 0], explained[:, 0]

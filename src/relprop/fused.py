@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .layers import ConvKernel
 from .rules import AlphaBeta, BoundLayer, Epsilon, Gamma, Rule
 
 
@@ -38,6 +39,19 @@ def fusable(rule: Rule, nonneg_input: bool) -> bool:
     return False
 
 
+def _shifted(layer: BoundLayer, x: Tensor, mod: str, eps: float, gamma: float = 0.0) -> Tensor:
+    """The modified layer's output plus eps, with eps folded into the (cached) bias."""
+    key = ("shifted", mod, gamma, eps)
+    cache = layer.weights.extra
+    if key not in cache:
+        b = layer.weights.bias(mod, gamma)
+        w = layer.weights.weight(mod, gamma)
+        out_features = w.shape[0]
+        base = torch.zeros(out_features, dtype=w.dtype, device=w.device) if b is None else b
+        cache[key] = base + eps
+    return layer.kernel.forward(x, layer.weights.weight(mod, gamma), cache[key])
+
+
 class FusedReluLayer(torch.autograd.Function):
     """relu(W x + b) whose backward is the layer's LRP rule (see module docstring)."""
 
@@ -49,19 +63,24 @@ class FusedReluLayer(torch.autograd.Function):
         if isinstance(rule, Epsilon):
             f = a / (a + rule.epsilon)
             ctx.save_for_backward(f)
-        elif isinstance(rule, Gamma):
-            d = layer.apply(x, "gamma_pos", "gamma_pos", rule.gamma).add_(rule.epsilon)
+        elif isinstance(rule, Gamma):  # D = (W + g W+) x + b + g b+ + eps: eps rides the bias
+            d = _shifted(layer, x, "gamma_pos", rule.epsilon, rule.gamma)
             ctx.save_for_backward(torch.div(a, d, out=d))
-        elif rule.beta == 0:  # z-plus
-            d = layer.apply(x, "pos", "pos").add_(rule.epsilon)
+        elif rule.beta == 0:  # z-plus: D = W+ x + b+ + eps
+            d = _shifted(layer, x, "pos", rule.epsilon)
             f = torch.div(a, d, out=d)
             ctx.save_for_backward(f.mul_(rule.alpha) if rule.alpha != 1 else f)
-        else:  # alpha-beta: N = z - P <= 0 with x >= 0
-            p = layer.apply(x, "pos", "pos")
-            n = (a - p).where(a > 0, torch.zeros((), dtype=a.dtype))  # z - P where a > 0
-            n = torch.where(n >= 0, n + rule.epsilon, n - rule.epsilon)
-            f_neg = a / n * rule.beta
-            f_pos = a / p.add_(rule.epsilon) * rule.alpha
+        else:  # alpha-beta: P = W+ x + b+ > 0, N = z - P <= 0 where a > 0
+            p = _shifted(layer, x, "pos", rule.epsilon)  # P + eps
+            # a - (P + eps) = N - eps = stab(N) for N < 0; at N == 0 every negative
+            # contribution x_i w_ij- is zero, so that output's share is zero either way
+            n = torch.sub(a, p)
+            f_neg = torch.div(a, n, out=n)
+            f_pos = torch.div(a, p, out=p)
+            if rule.beta != 1:
+                f_neg.mul_(rule.beta)
+            if rule.alpha != 1:
+                f_pos.mul_(rule.alpha)
             ctx.save_for_backward(f_pos, f_neg)
         return a
 
@@ -79,5 +98,14 @@ class FusedReluLayer(torch.autograd.Function):
             (f,) = ctx.saved_tensors
             return layer.t(grad * f, "pos", ctx.shape), None, None
         f_pos, f_neg = ctx.saved_tensors
+        kernel = layer.kernel
+        if isinstance(kernel, ConvKernel) and kernel.groups == 1:
+            # W+^T g+ - W-^T g- as one transposed convolution over stacked channels
+            cache = layer.weights.extra
+            if "pos_neg" not in cache:
+                w = layer.weights
+                cache["pos_neg"] = torch.cat([w.weight("pos"), -w.weight("neg")], 0)
+            g = torch.cat([grad * f_pos, grad * f_neg], 1)
+            return kernel.transpose(g, cache["pos_neg"], ctx.shape), None, None
         return (layer.t(grad * f_pos, "pos", ctx.shape)
                 - layer.t(grad * f_neg, "neg", ctx.shape)), None, None

@@ -24,7 +24,7 @@ from .fused import FusedReluLayer, fusable
 from .layers import LayerWeights, fold_batchnorm
 from .optable import Kind, OpSpec, node_location
 from .recurrent import RecurrentRule, run_aten_cell, run_recurrent
-from .rules import BoundLayer, Flat, Rule, Tally, WSquare, ZBox
+from .rules import BoundLayer, Epsilon, Flat, Rule, Tally, WSquare, ZBox
 from .trace import TracedModel, attribute
 
 
@@ -65,14 +65,16 @@ class LayerCall:
         self.op = op
         self.rule = rule
         self.flags = bound_flags
-        self._key: list[tuple[Tensor, int]] | None = None
+        self._key: list[tuple] | None = None
         self._weights: LayerWeights | None = None
 
     def weights(self, tensors: tuple[Tensor | None, ...]) -> LayerWeights:
-        key = [(t, t._version) for t in tensors if t is not None]
+        # Parameters arrive detached (new tensor objects each run): compare storage and
+        # version. Holding the old tensors keeps their storage, so addresses cannot recur.
+        key = [(t, t.data_ptr(), t._version, t.shape) for t in tensors if t is not None]
         old = self._key
         if old is not None and len(old) == len(key) and all(
-                a is c and va == vc for (a, va), (c, vc) in zip(old, key, strict=True)):
+                a[1:] == c[1:] for a, c in zip(old, key, strict=True)):
             return self._weights  # type: ignore[return-value]
         w, b, mean, var, gamma, beta = tensors
         with torch.no_grad():
@@ -90,6 +92,12 @@ class LayerCall:
         weights = self.weights((w, b, mean, var, gamma, beta))
         bound = BoundLayer(self.op.kernel, weights, **self.flags)
         return LayerRuleFunction.apply(x, target, route, bound, self.rule, tally)
+
+    def plain(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
+              gamma=None, beta=None) -> Tensor:
+        """LRP-0 with the bias absorbed is the layer's own gradient: no custom Function."""
+        weights = self.weights((w, b, mean, var, gamma, beta))
+        return self.op.kernel.forward(x, weights.w, weights.b)
 
     def fused_relu(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
                    gamma=None, beta=None) -> Tensor:
@@ -344,6 +352,10 @@ def _fuse_relus(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, in
     bypassed = {s.bypass for s in steps if s.bypass is not None}
     for i, step in enumerate(steps):
         if step.kind is not Kind.LAYER or step.sink_chain is not None or i in bypassed:
+            continue
+        rule = step.rule
+        if isinstance(rule, Epsilon) and rule.epsilon == 0 and rule.bias == "absorb":
+            step.fast = step.call.plain  # LRP-0: the plain gradient, exactly
             continue
         node = nodes[i]
         users = list(node.users)

@@ -34,9 +34,14 @@ TINY = 1e-30
 
 
 def stabilize(d: Tensor, eps: float) -> Tensor:
-    """d + eps * sign(d), with sign(0) = +1, so the result is never 0 (eps=0: TINY)."""
+    """d + eps * sign(d), with sign(+0) = +1, so the result is never 0 (eps=0: TINY).
+
+    copysign makes this two passes over d instead of four; it reads -0.0 as
+    negative, which only matters where the denominator is exactly zero, and
+    there the relevance to divide is zero as well in every rule here.
+    """
     eps = eps or TINY
-    return torch.where(d >= 0, d + eps, d - eps)
+    return d + torch.copysign(torch.tensor(eps, dtype=d.dtype, device=d.device), d)
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
@@ -422,25 +427,30 @@ class ZBox(Rule):
 
     def forward(self, layer, x):
         z = layer.apply(x, "plain", "plain")
-        # W+ low + W- high depends only on the shape and the weights: computed once
+        # b + W+ low + W- high depends only on the shape and the weights: computed once
         key = ("zbox", tuple(x.shape), x.dtype, id(self))
         cache = layer.weights.extra
         if key not in cache:
             low, high = self._bounds(x)
-            cache[key] = layer.apply(low, "pos") + layer.apply(high, "neg")
-        return z, (cache[key],)
+            shift = layer.apply(low, "pos") + layer.apply(high, "neg")
+            b = layer.bias_term("plain", z)
+            cache[key] = shift if b is None else shift + b
+        d = z - cache[key]  # the bias cancels in z-box
+        den = stabilize(d, self.epsilon)
+        # backward needs only z / stab(d) (and d for the ledger's stabiliser share)
+        return z, (z / den, d)
 
     def backward(self, layer, x, z, state, incoming, tally):
-        (zlh,) = state
-        b = layer.bias_term("plain", z)
-        d = (z if b is None else z - b) - zlh  # the bias cancels in z-box
-        den = stabilize(d, self.epsilon)
-        s = incoming.relevance() / den
+        ratio, d = state
+        if incoming.filtered:
+            s = incoming.relevance() * (ratio / z.where(z != 0, 1.0))
+        else:
+            s = incoming.grad * ratio  # R / stab(d) = c * z / stab(d)
         low, high = self._bounds(x)
         t_plain, t_pos, t_neg = _three_transposes(layer, s, x)
         r = x * t_plain - low * t_pos - high * t_neg
         if tally is not None:
-            tally.add(stabiliser=s * (den - d))
+            tally.add(stabiliser=s * (stabilize(d, self.epsilon) - d))
         return Propagated(relevance=r)
 
     def describe(self) -> str:
