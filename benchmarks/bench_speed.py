@@ -62,11 +62,10 @@ def method_fn(model, method: str, x):
     if kind == "relprop10":  # ten classes: one call, or ten calls (the "x ten calls" ratio)
         import relprop
 
-        explainer = relprop.Explainer(model, composite=name, low=-3.0, high=3.0)
+        composite, _, mode = name.partition("/")
+        explainer = relprop.Explainer(model, composite=composite, low=-3.0, high=3.0)
         classes = list(range(10))
-        if name.endswith("/separate"):
-            explainer = relprop.Explainer(model, composite=name.split("/")[0], low=-3.0,
-                                          high=3.0)
+        if mode == "separate":
             return lambda: [explainer(x, target=t).relevance for t in classes]
         return lambda: explainer(x, target=classes).relevance
     if kind == "zennit":
