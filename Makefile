@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test lint bench setup browser clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/relprop demo --out relprop-out
 
-test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks scripts
+# The report-page test renders HTML in Debian's headless Chromium.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| sudo sh -c 'apt-get update -qq && apt-get install -y -qq chromium'; }
+
+test: $(STAMP) browser
+	$(BIN)/ruff check src tests benchmarks scripts examples
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

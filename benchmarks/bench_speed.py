@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--markdown", help="also write the table as markdown to this file")
+    p.add_argument("--append", action="store_true", help="append rows to --markdown")
     args = p.parse_args()
     methods = args.methods if "gradient" in args.methods else ["gradient", *args.methods]
     header = ("| model | batch | method | time (s) | x gradient | extra peak mem (MB) | "
@@ -157,11 +158,12 @@ def main() -> None:
                 print(line, flush=True)
                 lines.append(line)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("# Benchmark: relprop vs plain gradient, Zennit, Captum\n\n")
-            f.write(f"CPU, {os.environ.get('BENCH_THREADS', '2')} threads, input "
-                    f"{args.size}x{args.size}, median of {args.repeats} runs; command: "
-                    f"`python benchmarks/bench_speed.py {' '.join(sys.argv[1:])}`\n\n")
+        with open(args.markdown, "a" if args.append else "w") as f:
+            if not args.append:
+                f.write("# Benchmark: relprop vs plain gradient, Zennit, Captum\n\n")
+            f.write(f"\nCPU, {os.environ.get('BENCH_THREADS', '2')} threads, input "
+                    f"{args.size}x{args.size}, median of {args.repeats} runs after a warm-up; "
+                    f"command: `python benchmarks/bench_speed.py {' '.join(sys.argv[1:])}`\n\n")
             f.write("\n".join(lines) + "\n")
 
 

@@ -22,12 +22,45 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--n", type=int, default=8, help="how many test digits to explain")
     demo.add_argument("--retrain", action="store_true",
                       help="train the CNN from scratch (about 15 s) instead of loading weights")
+    ex = sub.add_parser("explain", help="heatmaps for images with any torchvision or own model",
+                        description="Explain images (files or folders) with a model: writes a "
+                        "heatmap and an overlay PNG per image and target, and scores.json / "
+                        "scores.csv.")
+    ex.add_argument("images", nargs="+", help="image files or folders of images")
+    ex.add_argument("--model", required=True,
+                    help="torchvision architecture name (e.g. resnet18) or 'module:callable'")
+    ex.add_argument("--weights", help="state_dict file (torch.save) to load into the model")
+    ex.add_argument("--composite", default="epsilon_gamma_box",
+                    help="composite name (default epsilon_gamma_box)")
+    ex.add_argument("--target", default="pred",
+                    help="'pred' (predicted class), a class index, or 'topK' (e.g. top3)")
+    ex.add_argument("--out", type=Path, default=Path("relprop-out"), help="output folder")
+    ex.add_argument("--size", type=int, default=224,
+                    help="resize/crop images to this side (0: keep as they are)")
+    ex.add_argument("--no-normalize", action="store_true",
+                    help="feed pixels in [0, 1] instead of ImageNet-normalised values")
+    ex.add_argument("--batch-size", type=int, default=8, help="images per explanation batch")
+    ev = sub.add_parser("evaluate", help="faithfulness (region perturbation, AOPC) on MNIST",
+                        description="Region perturbation on real MNIST test digits with the "
+                        "shipped CNN: LRP composites vs gradient, gradient x input and random; "
+                        "writes an HTML report.")
+    ev.add_argument("--n", type=int, default=500, help="test digits to use (default 500)")
+    ev.add_argument("--patch", type=int, default=4, help="region side in pixels (default 4)")
+    ev.add_argument("--out", type=Path, default=Path("relprop-out"), help="output folder")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             from .demo import run_demo
 
             run_demo(args.out, n=args.n, retrain=args.retrain)
+        elif args.command == "evaluate":
+            from .evaluate_cli import run_evaluate
+
+            run_evaluate(args.out, n=args.n, patch_size=args.patch)
+        elif args.command == "explain":
+            from .explain_cli import run_explain
+
+            run_explain(args)
     except RelpropError as exc:
         print(f"relprop: error: {exc}", file=sys.stderr)
         return 2

@@ -81,3 +81,73 @@ def save_grid(images: Sequence[Sequence[np.ndarray]], path: str | Path,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def overlay(image: np.ndarray | torch.Tensor, relevance, cmap: str | Colormap = "bwr",
+            alpha: float = 0.6, mode: str = "percentile", percentile: float = 99.5) -> np.ndarray:
+    """The heatmap blended over a greyscale copy of the image (H, W, 3) uint8.
+
+    image: (H, W, 3) / (H, W) array in [0, 255] or [0, 1], or a (C, H, W) tensor in [0, 1].
+    Opacity follows |relevance|, so irrelevant areas show the image itself.
+    """
+    img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = img.transpose(1, 2, 0)
+    img = img.astype(np.float64)
+    if img.max() > 1.0:
+        img = img / 255.0
+    grey = img.mean(-1) if img.ndim == 3 else img
+    r = normalize(to_map(relevance), mode, percentile)
+    rgb = colormap(cmap)((r + 1) / 2)[..., :3]
+    weight = alpha * np.abs(r)[..., None]
+    out = (1 - weight) * grey[..., None] + weight * rgb
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write an RGB or greyscale uint8 array as PNG (Pillow)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def feature_bars(relevance, names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Relevance of tabular features as a horizontal bar plot (red positive, blue negative)."""
+    import matplotlib.pyplot as plt
+
+    r = to_map(relevance).reshape(-1)
+    if len(names) != len(r):
+        raise ValueError(f"{len(names)} feature names for {len(r)} relevance values")
+    order = np.argsort(np.abs(r))
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(r) + 1))
+    ax.barh([names[i] for i in order], r[order],
+            color=["#c00000" if r[i] > 0 else "#0033cc" for i in order])
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlabel("relevance")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def sequence_html(tokens: Sequence[str], relevance, cmap: str | Colormap = "bwr") -> str:
+    """Tokens (or time steps) as HTML spans coloured by relevance, zero = white."""
+    import html
+
+    r = normalize(to_map(relevance).reshape(-1))
+    if len(tokens) != len(r):
+        raise ValueError(f"{len(tokens)} tokens for {len(r)} relevance values")
+    cm = colormap(cmap)
+    spans = []
+    for tok, v in zip(tokens, r, strict=True):
+        red, green, blue = (int(255 * c) for c in cm((v + 1) / 2)[:3])
+        spans.append(f'<span title="{v:+.3f}" style="background: rgb({red},{green},{blue})">'
+                     f"{html.escape(tok)}</span>")
+    return " ".join(spans)

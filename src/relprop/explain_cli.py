@@ -1,0 +1,78 @@
+"""`relprop explain`: images in, heatmaps, overlays and scores out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from argparse import Namespace
+
+import torch
+
+from .errors import RelpropError
+from .explain import Explainer
+from .loading import image_files, load_model, read_image, to_input
+from .visualize import heatmap, overlay, save_png
+
+
+def parse_target(spec: str) -> tuple[str, int]:
+    """'pred' -> ("pred", 1); '3' -> ("class", 3); 'top5' -> ("top", 5)."""
+    if spec == "pred":
+        return "pred", 1
+    if spec.isdigit():
+        return "class", int(spec)
+    m = re.fullmatch(r"top(\d+)", spec)
+    if m and int(m.group(1)) >= 1:
+        return "top", int(m.group(1))
+    raise RelpropError(f"--target {spec!r}: use 'pred', a class index, or 'topK' (e.g. top3)")
+
+
+def run_explain(args: Namespace) -> None:
+    mode, k = parse_target(args.target)
+    files = image_files(args.images)
+    model = load_model(args.model, args.weights)
+    size = args.size or None
+    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    explainer = None
+    for start in range(0, len(files), args.batch_size):
+        batch_files = files[start:start + args.batch_size]
+        images = [read_image(f, size) for f in batch_files]
+        x, low, high = to_input(images, normalize=not args.no_normalize)
+        if explainer is None:
+            explainer = Explainer(model, composite=args.composite, low=low, high=high)
+        with torch.no_grad():
+            logits = model(x)
+        if logits.dim() != 2:
+            raise RelpropError(f"the model's output has shape {tuple(logits.shape)}; "
+                               "expected (batch, classes)")
+        if mode == "class" and not 0 <= k < logits.shape[1]:
+            raise RelpropError(f"--target {k} is out of range: the model has "
+                               f"{logits.shape[1]} classes")
+        targets = (torch.full((len(x), 1), k) if mode == "class"
+                   else logits.topk(k, dim=1).indices)
+        expl = explainer(x, target=targets)
+        for i, f in enumerate(batch_files):
+            for j in range(targets.shape[1]):
+                cls = int(targets[i, j])
+                rel = expl.relevance[i, j]
+                stem = f"{f.stem}_class{cls}"
+                save_png(heatmap(rel, mode="percentile"), args.out / f"{stem}_heatmap.png")
+                save_png(overlay(images[i], rel), args.out / f"{stem}_overlay.png")
+                rows.append({"image": str(f), "target": cls, "rank": j + 1,
+                             "logit": float(logits[i, cls]),
+                             "relevance_sum": float(rel.sum()),
+                             "explained": float(expl.explained[i, j])})
+        done = min(start + args.batch_size, len(files))
+        bar = "#" * int(30 * done / len(files))
+        print(f"\rexplaining {done}/{len(files)} [{bar:<30}]", end="", file=sys.stderr,
+              flush=True)
+    print(file=sys.stderr)
+    (args.out / "scores.json").write_text(json.dumps(rows, indent=1))
+    with open(args.out / "scores.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} heatmaps and overlays, scores.json and scores.csv to "
+          f"{args.out.resolve()}")
