@@ -37,10 +37,13 @@ class LayerRuleFunction(torch.autograd.Function):
         rule: Rule, tally: Tally | None,
     ) -> Tensor:
         z, state = rule.forward(layer, x)
+        # z-box keeps z / stab(d) instead of z: z itself only for the ledger or a filter
+        keep_z = rule.uses_output or tally is not None or layer.top_k is not None
+        z_saved = z if keep_z else None
         if route == "bypass":
-            ctx.save_for_backward(x, z, target, *state)
+            ctx.save_for_backward(x, z_saved, target, *state)
         else:
-            ctx.save_for_backward(x, z, *state)
+            ctx.save_for_backward(x, z_saved, *state)
         ctx.layer, ctx.rule, ctx.tally, ctx.route = layer, rule, tally, route
         return z
 

@@ -90,7 +90,7 @@ class LayerCall:
                  gamma=None, beta=None, *, target: Tensor | None = None,
                  route: str | None = None, tally: Tally | None = None) -> Tensor:
         weights = self.weights((w, b, mean, var, gamma, beta))
-        bound = BoundLayer(self.op.kernel, weights, **self.flags)
+        bound = BoundLayer(self.op.kernel, weights, **self.flags, recording=tally is not None)
         return LayerRuleFunction.apply(x, target, route, bound, self.rule, tally)
 
     def plain(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,

@@ -59,6 +59,7 @@ class BoundLayer:
     nonneg_input: bool = False  # input known >= 0 (after a ReLU): x- terms vanish
     positive_only: bool = False  # every consumer is ReLU-like: relevance is 0 where z <= 0
     top_k: float | None = None  # relevance filter: fraction of output relevance kept
+    recording: bool = False  # a ledger is being kept: rules may keep more for it
 
     def apply(self, x: Tensor, wmod: str, bmod: str | None = None, gamma: float = 0.0) -> Tensor:
         b = None if bmod is None else self.weights.bias(bmod, gamma)
@@ -151,6 +152,7 @@ class Rule:
     bias: str = field(default="absorb", kw_only=True)
 
     name = "rule"
+    uses_output = True  # the backward reads z (z-box does not, unless recording/filtering)
 
     def __post_init__(self) -> None:
         if self.bias not in BIAS_MODES:
@@ -418,6 +420,7 @@ class ZBox(Rule):
     high: float | Tensor = 1.0
     epsilon: float = 1e-6
     name = "zbox"
+    uses_output = False
 
     def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device)
@@ -436,12 +439,12 @@ class ZBox(Rule):
             b = layer.bias_term("plain", z)
             cache[key] = shift if b is None else shift + b
         d = z - cache[key]  # the bias cancels in z-box
-        den = stabilize(d, self.epsilon)
-        # backward needs only z / stab(d) (and d for the ledger's stabiliser share)
-        return z, (z / den, d)
+        # backward needs only z / stab(d) (d itself only for the ledger's stabiliser share)
+        ratio = z / stabilize(d, self.epsilon)
+        return z, ((ratio, d) if layer.recording else (ratio,))
 
     def backward(self, layer, x, z, state, incoming, tally):
-        ratio, d = state
+        ratio = state[0]
         if incoming.filtered:
             s = incoming.relevance() * (ratio / z.where(z != 0, 1.0))
         else:
@@ -450,6 +453,7 @@ class ZBox(Rule):
         t_plain, t_pos, t_neg = _three_transposes(layer, s, x)
         r = x * t_plain - low * t_pos - high * t_neg
         if tally is not None:
+            d = state[1]
             tally.add(stabiliser=s * (stabilize(d, self.epsilon) - d))
         return Propagated(relevance=r)
 
