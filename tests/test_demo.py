@@ -17,11 +17,14 @@ def test_shipped_cnn_classifies_real_digits() -> None:
     assert accuracy(mnist_cnn(), x, y) > 0.93
 
 
-def test_demo_writes_a_heatmap_grid(tmp_path, capsys) -> None:
+def test_demo_writes_a_heatmap_grid_and_a_report(tmp_path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path), "--n", "3"]) == 0
     out = capsys.readouterr().out
     png = tmp_path / "mnist_heatmaps.png"
     assert str(png.resolve()) in out and "test accuracy" in out
+    report = (tmp_path / "report.html").read_text()
+    assert report.count("<img") == 3 * 6 + 3 * 2  # CNN grid and LSTM grid, all embedded
+    assert "AOPC" in report and "LSTM" in report
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[0] > 200 and img.shape[1] > 500
     # the heatmaps are coloured: red (positive) pixels are present
