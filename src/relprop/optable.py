@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -97,6 +98,9 @@ def node_location(node: fx.Node) -> str:
     return f"'{label}' (graph node '{node.name}'){where}" + (f" ({frame})" if frame else "")
 
 
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
 def user_frame(stack_trace: str) -> str:
     """The innermost frame of a traced stack that is the user's code, not torch's."""
     lines = stack_trace.strip().splitlines()
@@ -107,7 +111,7 @@ def user_frame(stack_trace: str) -> str:
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             frames.append((line, code))
     for line, code in reversed(frames):
-        if "/torch/" not in line and "\\torch\\" not in line:
+        if "/torch/" not in line and "\\torch\\" not in line and _PACKAGE not in line:
             parts = line.split('"')
             file = parts[1] if len(parts) > 2 else line
             lineno = line.split("line ")[-1].split(",")[0]

@@ -412,6 +412,9 @@ def _plan_frees(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, in
             last[index[a]] = i
         if steps[i].bypass is not None:
             last[steps[i].bypass] = max(last.get(steps[i].bypass, i), i)
+        for j in steps[i].sink_chain or []:  # the moves are replayed on the sink here
+            for a in _args_of(nodes[j]):
+                last[index[a]] = max(last.get(index[a], i), i)
     for src, i in last.items():
         if steps[src].op != "placeholder":
             steps[i].frees.append(src)
