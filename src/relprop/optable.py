@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import inspect
 import operator
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
