@@ -355,20 +355,16 @@ def _join_maps(maps: list[Tensor], chunk: int) -> Tensor:
 
 
 def _join_ledgers(ledgers: list[Ledger]) -> Ledger:
-    from .ledger import LedgerEntry
-
-    entries = []
-    for parts in zip(*(lg.entries for lg in ledgers), strict=True):
-        e = parts[0]
-        entries.append(LedgerEntry(
-            e.node, e.op, e.path, e.rule,
-            *(torch.cat([getattr(q, f) for q in parts])
-              for f in ("relevance_in", "relevance_out", "bias", "stabiliser"))))
-    return Ledger(entries, torch.cat([lg.explained for lg in ledgers]),
-                  torch.cat([lg.at_input for lg in ledgers]))
+    """Chunks' ledgers, one after the other along the batch."""
+    return _combine_ledgers(ledgers, torch.cat)
 
 
 def _stack_ledgers(ledgers: list[Ledger]) -> Ledger:
+    """Per-target ledgers side by side: (B, K) balances."""
+    return _combine_ledgers(ledgers, lambda ts: torch.stack(ts, 1))
+
+
+def _combine_ledgers(ledgers: list[Ledger], join) -> Ledger:
     from .ledger import LedgerEntry
 
     entries = []
@@ -376,10 +372,10 @@ def _stack_ledgers(ledgers: list[Ledger]) -> Ledger:
         e = parts[0]
         entries.append(LedgerEntry(
             e.node, e.op, e.path, e.rule,
-            *(torch.stack([getattr(q, f) for q in parts], 1)
+            *(join([getattr(q, f) for q in parts])
               for f in ("relevance_in", "relevance_out", "bias", "stabiliser"))))
-    return Ledger(entries, torch.stack([lg.explained for lg in ledgers], 1),
-                  torch.stack([lg.at_input for lg in ledgers], 1))
+    return Ledger(entries, join([lg.explained for lg in ledgers]),
+                  join([lg.at_input for lg in ledgers]))
 
 
 def _progress(chunks: range, show: bool, total: int, batch_size: int) -> Iterator[int]:

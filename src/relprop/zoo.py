@@ -40,13 +40,18 @@ def mnist_cnn(weights: Path | str | None = MNIST_WEIGHTS) -> MnistCNN:
 
 def train_mnist_cnn(epochs: int = 10, seed: int = 0, log=print) -> tuple[MnistCNN, float]:
     """Train the demo CNN on the 4,000 training digits; returns it and its test accuracy."""
+    torch.manual_seed(seed)
+    return _train(MnistCNN(), epochs, 2e-3, log)
+
+
+def _train(model: nn.Module, epochs: int, lr: float, log) -> tuple[nn.Module, float]:
+    """Adam on the 4,000 MNIST training digits, batch 64; test accuracy after each epoch."""
     from .datasets import load_mnist
 
-    torch.manual_seed(seed)
     x, y = load_mnist("train")
     xt, yt = load_mnist("test")
-    model = MnistCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    acc = 0.0
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x))
@@ -89,22 +94,5 @@ def mnist_lstm(weights: Path | str | None = MNIST_LSTM_WEIGHTS) -> MnistLSTM:
 
 def train_mnist_lstm(epochs: int = 12, seed: int = 0, log=print) -> tuple[MnistLSTM, float]:
     """Train the row-reading LSTM on the 4,000 training digits; returns it and test accuracy."""
-    from .datasets import load_mnist
-
     torch.manual_seed(seed)
-    x, y = load_mnist("train")
-    xt, yt = load_mnist("test")
-    model = MnistLSTM()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            idx = order[i:i + 64]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        acc = accuracy(model, xt, yt)
-        log(f"epoch {epoch + 1}: loss {loss.item():.3f}, test accuracy {acc:.3f}")
-    return model.eval(), acc
+    return _train(MnistLSTM(), epochs, 3e-3, log)
