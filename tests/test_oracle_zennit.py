@@ -22,15 +22,18 @@ import relprop
 LOW, HIGH = -3.0, 3.0
 
 
-def zennit_composite(name: str, x: torch.Tensor):
+def zennit_composite(name: str, x: torch.Tensor, canonizers: list | None = None):
     if name == "epsilon_gamma_box":
-        return zc.EpsilonGammaBox(low=torch.full_like(x, LOW), high=torch.full_like(x, HIGH))
+        return zc.EpsilonGammaBox(low=torch.full_like(x, LOW), high=torch.full_like(x, HIGH),
+                                  canonizers=canonizers)
     return {"epsilon_plus": zc.EpsilonPlus, "epsilon_plus_flat": zc.EpsilonPlusFlat,
-            "epsilon_alpha2_beta1": zc.EpsilonAlpha2Beta1}[name]()
+            "epsilon_alpha2_beta1": zc.EpsilonAlpha2Beta1}[name](canonizers=canonizers)
 
 
-def zennit_relevance(model, x, target: int, name: str) -> torch.Tensor:
-    with Gradient(model=model, composite=zennit_composite(name, x)) as attributor:
+def zennit_relevance(model, x, target: int, name: str, canonizer=None) -> torch.Tensor:
+    """Zennit's relevance, starting from the target logit's value."""
+    canonizers = None if canonizer is None else [canonizer]
+    with Gradient(model=model, composite=zennit_composite(name, x, canonizers)) as attributor:
         out = model(x)
         seed = torch.zeros_like(out)
         seed[:, target] = out[:, target].detach()
@@ -70,21 +73,6 @@ def test_vgg_matches_zennit(arch: str, composite: str, biases: bool) -> None:
 
 # ---------------------------------------------------------- networks needing canonizers
 
-def canonized_relevance(model, x, target: int, name: str, canonizer) -> torch.Tensor:
-    if name == "epsilon_gamma_box":
-        composite = zc.EpsilonGammaBox(low=torch.full_like(x, LOW), high=torch.full_like(x, HIGH),
-                                       canonizers=[canonizer])
-    else:
-        composite = {"epsilon_plus": zc.EpsilonPlus,
-                     "epsilon_alpha2_beta1": zc.EpsilonAlpha2Beta1}[name](canonizers=[canonizer])
-    with Gradient(model=model, composite=composite) as attributor:
-        out = model(x)
-        seed = torch.zeros_like(out)
-        seed[:, target] = out[:, target].detach()
-        _, relevance = attributor(x, seed)
-    return relevance
-
-
 @functools.cache
 def with_batchnorm_statistics(arch: str, bn_eps: float = 0.0) -> torch.nn.Module:
     """Random weights, random biases, and BatchNorm statistics that make folding matter.
@@ -120,7 +108,7 @@ def test_canonized_networks_match_zennit(arch: str, composite: str) -> None:
     model = with_batchnorm_statistics(arch)
     canonizer = ResNetCanonizer() if arch.startswith("resnet") else VGGCanonizer()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    expected = canonized_relevance(model, x, 5, composite, canonizer).numpy()
+    expected = zennit_relevance(model, x, 5, composite, canonizer).numpy()
     got = relprop.explain(model, x, target=5, composite=composite, low=LOW, high=HIGH)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got.relevance.numpy(), expected, rtol=1e-4, atol=1e-6 * scale)

@@ -75,6 +75,12 @@ def save_grid(images: Sequence[Sequence[np.ndarray]], path: str | Path,
                 ax.set_title(col_titles[j], fontsize=8)
             if j == 0 and i < len(row_titles):
                 ax.set_ylabel(row_titles[i], fontsize=8)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,12 +135,7 @@ def feature_bars(relevance, names: Sequence[str], path: str | Path, title: str =
     ax.set_xlabel("relevance")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def sequence_html(tokens: Sequence[str], relevance, cmap: str | Colormap = "bwr") -> str:

@@ -32,7 +32,10 @@ class MnistCNN(nn.Module):
 
 def mnist_cnn(weights: Path | str | None = MNIST_WEIGHTS) -> MnistCNN:
     """The demo CNN in eval mode, with the shipped weights (or `weights`)."""
-    model = MnistCNN()
+    return _loaded(MnistCNN(), weights)
+
+
+def _loaded(model: nn.Module, weights: Path | str | None) -> nn.Module:
     if weights is not None:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
@@ -86,10 +89,8 @@ class MnistLSTM(nn.Module):
 
 
 def mnist_lstm(weights: Path | str | None = MNIST_LSTM_WEIGHTS) -> MnistLSTM:
-    model = MnistLSTM()
-    if weights is not None:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval()
+    """The row-reading LSTM in eval mode, with the shipped weights (or `weights`)."""
+    return _loaded(MnistLSTM(), weights)
 
 
 def train_mnist_lstm(epochs: int = 12, seed: int = 0, log=print) -> tuple[MnistLSTM, float]:
