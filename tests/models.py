@@ -84,3 +84,30 @@ def with_biases(model: nn.Module, std: float = 0.1) -> nn.Module:
             if getattr(m, "bias", None) is not None:
                 m.bias.normal_(0, std)
     return model
+
+
+class BottleneckSiLUNet(nn.Module):
+    """Layers the fast path fuses without a ReLU: a residual branch ending in conv+BN
+    (signed relevance at z), SiLU and GELU after convs, a depthwise conv, a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch1 = nn.Conv2d(8, 8, 1)
+        self.branch2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 12, 1)
+        self.fc = nn.Linear(12, 5)
+        with torch.no_grad():
+            self.bn.running_mean.normal_(0, 0.1)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_(1, 0.2)
+
+    def forward(self, x):
+        a = torch.relu(self.stem(x))
+        r = self.bn(self.branch2(torch.relu(self.branch1(a))))
+        s = torch.relu(a + r)
+        d = F.silu(self.dw(s))
+        p = F.gelu(self.pw(d))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(p, 1), 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import (
+    BottleneckSiLUNet,
     FunctionalCNN,
     ModuleCNN,
     SeedMLP,
@@ -191,14 +192,31 @@ def test_top_k_filter_keeps_the_fraction_asked() -> None:
     assert not torch.allclose(full.relevance, r0)
 
 
+@pytest.mark.parametrize("factory", [ModuleCNN, BottleneckSiLUNet])
 @pytest.mark.parametrize("composite", ["epsilon", "epsilon_gamma_box", "epsilon_plus",
                                        "epsilon_alpha2_beta1", "gamma", "lrp0"])
-def test_fast_path_equals_the_general_path(composite: str) -> None:
-    """Layer+ReLU pairs run fused unless recording; both must give the same relevance."""
-    model = with_biases(ModuleCNN(), 0.2).double().eval()
+def test_fast_path_equals_the_general_path(composite: str, factory) -> None:
+    """Layers run fused with their activation (and sums with their ReLU) unless
+    recording; both must give the same relevance."""
+    model = with_biases(factory(), 0.2).double().eval()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     ex = relprop.Explainer(model, composite=composite, low=-3.0, high=3.0)
     assert any(s.fast is not None for s in ex.program.steps) or composite == "lrp0"
     fast = ex(x, target=1)
     general = ex(x, target=1, record=True)
     torch.testing.assert_close(fast.relevance, general.relevance, rtol=1e-9, atol=1e-12)
+
+
+def test_fast_path_covers_residual_branches_and_smooth_activations() -> None:
+    """The layer ending a residual branch, SiLU/GELU layers, the dense head and the
+    sum -> ReLU take the fast path; gamma after a SiLU (signed input) does not."""
+    model = BottleneckSiLUNet().eval()
+
+    def fast(composite: str) -> set[str]:
+        ex = relprop.Explainer(model, composite=composite, low=-3.0, high=3.0)
+        return {s.name for s in ex.program.steps if s.fast is not None}
+
+    gamma = fast("epsilon_gamma_box")
+    assert {"branch2", "add", "relu_2", "dw", "silu", "fc"} <= gamma, gamma
+    assert "pw" not in gamma
+    assert {"branch2", "add", "dw", "silu", "pw", "gelu", "fc"} <= fast("epsilon")

@@ -20,7 +20,7 @@ from .canonize import canonize, mark_nonneg, positive_only, spec
 from .composites import Composite, LayerInfo
 from .errors import InputError, RelpropError
 from .functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio, Tap
-from .fused import FusedReluLayer, fusable
+from .fused import RELU, Activation, FusedLayer, ProportionalRelu, fusable
 from .layers import LayerWeights, fold_batchnorm
 from .optable import Kind, OpSpec, node_location
 from .recurrent import RecurrentRule, run_aten_cell, run_recurrent
@@ -99,12 +99,12 @@ class LayerCall:
         weights = self.weights((w, b, mean, var, gamma, beta))
         return self.op.kernel.forward(x, weights.w, weights.b)
 
-    def fused_relu(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
-                   gamma=None, beta=None) -> Tensor:
-        """relu(layer(x)) in one Function (relprop.fused): the fast path."""
+    def fused(self, act: Activation, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None,
+              var=None, gamma=None, beta=None) -> Tensor:
+        """act(layer(x)) in one Function (relprop.fused): the fast path."""
         weights = self.weights((w, b, mean, var, gamma, beta))
         bound = BoundLayer(self.op.kernel, weights, **self.flags)
-        return FusedReluLayer.apply(x, bound, self.rule)
+        return FusedLayer.apply(x, bound, self.rule, act)
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Step:
     # (reshape, flatten, ...: [placeholder, move, move, ...]), so zero inputs get theirs
     sink_chain: list[int] | None = None
     bypass: int | None = None  # ...or enters at this step's output (a ReLU's input)
-    fast: Callable[..., Any] | None = None  # replaces `call` when not recording (fused ReLU)
+    fast: Callable[..., Any] | None = None  # replaces `call` when not recording (relprop.fused)
     frees: list[int] = field(default_factory=list)
 
     @property
@@ -209,7 +209,7 @@ class Program:
                 name = str(node.target)
                 step.call = lambda obj, *a, _n=name, **k: getattr(obj, _n)(*a, **k)
             steps.append(step)
-        _fuse_relus(steps, nodes, index, nonneg, composite)
+        _plan_fast_paths(steps, nodes, index, nonneg, composite)
         _plan_frees(steps, nodes, index)
         return cls(steps, traced, composite)
 
@@ -340,37 +340,72 @@ def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
     return fn
 
 
-def _fuse_relus(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, int],
-                nonneg: set[fx.Node], composite: Composite) -> None:
-    """Layer -> ReLU pairs whose rule the fast path computes: run as one Function.
+def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, int],
+                     nonneg: set[fx.Node], composite: Composite) -> None:
+    """Give layers (with the activation after them) and sum -> ReLU pairs a fused Function.
 
-    Not when recording (the ledger wants the two nodes apart), with a relevance
-    filter, or when a later rule must route relevance to the ReLU's input.
+    Not when recording (the ledger wants every node apart), with a relevance
+    filter, or when a later rule must route relevance to an activation's input.
     """
     if composite.top_k is not None:
         return
     bypassed = {s.bypass for s in steps if s.bypass is not None}
     for i, step in enumerate(steps):
-        if step.kind is not Kind.LAYER or step.sink_chain is not None or i in bypassed:
+        if i in bypassed or step.fast is not None:
+            continue
+        if step.kind is Kind.PROPORTIONAL and composite.stabilizer > 0:
+            relu = _sole_activation(nodes[i])
+            if relu is not None and relu[1] == RELU:
+                step.fast = functools.partial(_sum_then_relu, spec(nodes[i]).fn,
+                                              composite.stabilizer)
+                steps[index[relu[0]]].fast = _passthrough
+            continue
+        if step.kind is not Kind.LAYER or step.sink_chain is not None:
             continue
         rule = step.rule
+        node = nodes[i]
         if isinstance(rule, Epsilon) and rule.epsilon == 0 and rule.bias == "absorb":
             step.fast = step.call.plain  # LRP-0: the plain gradient, exactly
             continue
-        node = nodes[i]
-        users = list(node.users)
-        if len(users) != 1:
+        if not fusable(rule, node.args[0] in nonneg) or spec(node).kernel.kind == "affine":
             continue
-        relu = users[0]
-        rs = spec(relu)
-        if rs is None or not rs.zero_below or rs.kind is not Kind.GRADIENT or \
-                relu.args[0] is not node or len(relu.args) > 1:
-            continue
-        if not fusable(step.rule, node.args[0] in nonneg) or \
-                step.node.meta["relprop"].kernel.kind == "affine":
-            continue
-        step.fast = step.call.fused_relu
-        steps[index[relu]].fast = _passthrough
+        follower = _sole_activation(node)
+        if follower is None or index[follower[0]] in bypassed:
+            step.fast = functools.partial(step.call.fused, None)
+        else:
+            step.fast = functools.partial(step.call.fused, follower[1])
+            steps[index[follower[0]]].fast = _passthrough
+
+
+def _sole_activation(node: fx.Node) -> tuple[fx.Node, Activation] | None:
+    """The node's only user, if it is a ReLU or an identity-rule activation with f(0) = 0."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    act = users[0]
+    s = spec(act)
+    if s is None or not act.args or act.args[0] is not node or \
+            any(isinstance(a, fx.Node) for a in _args_of(act) if a is not node):
+        return None
+    if s.kind is Kind.GRADIENT and s.zero_below and len(act.args) == 1:
+        return act, RELU
+    if s.kind is not Kind.ELEMENTWISE or s.fn is None:
+        return None
+    fn, rest, kwargs = s.fn, act.args[1:], dict(act.kwargs)
+
+    def apply(z: Tensor) -> Tensor:
+        return fn(z, *rest, **kwargs)
+
+    try:  # relevance at z = 0 is lost in gradient form; fusing must not revive it
+        if apply(torch.zeros(2, 2)).abs().max().item() != 0:
+            return None
+    except Exception:
+        return None
+    return act, apply
+
+
+def _sum_then_relu(fn: Callable[..., Tensor], eps: float, *args: Any, **kwargs: Any) -> Tensor:
+    return ProportionalRelu.apply(fn(*args, **kwargs), eps)
 
 
 def _passthrough(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
