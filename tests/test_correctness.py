@@ -208,15 +208,17 @@ def test_fast_path_equals_the_general_path(composite: str, factory) -> None:
 
 
 def test_fast_path_covers_residual_branches_and_smooth_activations() -> None:
-    """The layer ending a residual branch, SiLU/GELU layers, the dense head and the
-    sum -> ReLU take the fast path; gamma after a SiLU (signed input) does not."""
+    """The layer ending a residual branch, SiLU/GELU layers (gamma on signed inputs
+    included), the dense head and the sum -> ReLU take the fast path; alpha-beta
+    on signed inputs does not."""
     model = BottleneckSiLUNet().eval()
 
     def fast(composite: str) -> set[str]:
         ex = relprop.Explainer(model, composite=composite, low=-3.0, high=3.0)
         return {s.name for s in ex.program.steps if s.fast is not None}
 
-    gamma = fast("epsilon_gamma_box")
-    assert {"branch2", "add", "relu_2", "dw", "silu", "fc"} <= gamma, gamma
-    assert "pw" not in gamma
-    assert {"branch2", "add", "dw", "silu", "pw", "gelu", "fc"} <= fast("epsilon")
+    everything = {"branch2", "add", "relu_2", "dw", "silu", "pw", "gelu", "fc"}
+    assert everything <= fast("epsilon_gamma_box")
+    assert everything <= fast("epsilon")
+    alpha_beta = fast("epsilon_alpha2_beta1")
+    assert {"branch2", "add", "dw", "silu"} <= alpha_beta and "pw" not in alpha_beta

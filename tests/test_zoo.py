@@ -9,6 +9,9 @@ from zoo import CNNS, HEAVY, bias_free, build, with_random_biases
 import relprop
 
 
+FUSED_CHECK = ("epsilon", "epsilon_gamma_box", "epsilon_alpha2_beta1")
+
+
 def params(names):
     return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
 
@@ -49,3 +52,8 @@ def test_every_composite_runs(name: str) -> None:
         assert expl.relevance.shape == x.shape
         assert torch.isfinite(expl.relevance).all(), composite
         assert expl.relevance.abs().sum() > 0, composite
+        if composite in FUSED_CHECK:  # the fused fast path equals the general path
+            general = relprop.explain(model, x, composite=composite, low=-4.0, high=4.0,
+                                      record=True)
+            torch.testing.assert_close(expl.relevance, general.relevance, rtol=1e-7,
+                                       atol=1e-12, msg=composite)

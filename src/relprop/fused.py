@@ -8,27 +8,30 @@ at z. Every fusable rule then reads
 
     c_x = sum_k W_k^T (c * f_k)        (one or two modified weights W_k)
 
-with factors f_k = y * [sign gate] / stab(D_k) computed in the forward pass.
-Per rule (sign-splitting rules need inputs x >= 0, e.g. after a ReLU):
+with factors f_k = y / D_k computed in the forward pass. Per rule:
 
 - epsilon: f = y / stab(z), W = W.
-- z-plus / alpha-beta: P = W+ x + b+ (> 0 after +eps), N = z - P (<= 0);
+- z-plus / alpha-beta (inputs x >= 0): P = W+ x + b+, N = z - P <= 0;
   f+ = alpha y / (P + eps) with W+, f- = beta y / (N - eps) with W-.
-- gamma: P = (W + g W+) x + b + g b+ and N = (W + g W-) x + b + g b- =
-  (2 + g) z - P, so one extra forward convolution gives both; f+ = y / (P + eps)
-  where z > 0 with W + g W+, f- = y / (N - eps) where z < 0 with W + g W-.
-  After a ReLU the z < 0 half carries no relevance and is skipped.
+- gamma: P = z + g (positive contributions + b+), N = z + g (negative ones + b-)
+  and P + N = (2 + g) z, so one extra forward convolution gives both. One
+  factor f = y / (P + eps) where z > 0, y / (eps - N) where z <= 0; fused
+  activations preserve sign, so sign(f) = sign(z) says which side an output is
+  on. Inputs x >= 0: W + g W+ for the positive side, W + g W- for the negative.
+  Inputs of both signs: (x w)+ = (x w + |x| |w|) / 2 turns the four sign
+  combinations into W and |W| (see `_gamma_signed_input`). After a ReLU the
+  z <= 0 side carries no relevance and is skipped.
 
 The eps of the positive denominators rides in a cached bias, so it costs no
 pass. Cost: the plain gradient's convolutions, one extra forward convolution for
 z-plus/alpha-beta/gamma, a second transposed convolution where two weights are
-needed, a few element-wise passes, and one saved factor per output (gamma on
-signed outputs adds a boolean sign mask; alpha-beta keeps two factors).
+needed, a few element-wise passes, one saved factor per output (alpha-beta:
+two) and, for gamma on inputs of both signs, a boolean sign mask of the input.
 
-Two transposed calls rather than one over outputs stacked with the weights:
-the stacked buffer, twice an output's size, crosses glibc's mmap threshold
+Element-wise work avoids torch.where (several times slower than arithmetic on
+CPU) and buffers twice an output's size: those cross glibc's mmap threshold
 (32 MB) on large layers, and a fresh mapping's page faults on every call cost
-more than the second call.
+more than a second transposed call.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ def fusable(rule: Rule, nonneg_input: bool) -> bool:
         return False
     if isinstance(rule, Epsilon):
         return rule.epsilon > 0
-    if isinstance(rule, Gamma | AlphaBeta):
+    if isinstance(rule, Gamma):
+        return True
+    if isinstance(rule, AlphaBeta):
         return nonneg_input
     return False
 
@@ -79,39 +84,23 @@ class FusedLayer(torch.autograd.Function):
                 act: Activation) -> Tensor:
         z = layer.apply(x, "plain", "plain")
         relu = act == RELU
-        if relu:
-            y = z = z.relu_()  # the sign tests below read z > 0 from y > 0
-        else:
-            y = z if act is None else act(z)  # type: ignore[operator]
         ctx.shape, ctx.layer, ctx.rule, ctx.signed = x.shape, layer, rule, not relu
-        if isinstance(rule, Epsilon):
-            d = z + rule.epsilon if relu else stabilize(z, rule.epsilon)
-            ctx.save_for_backward(torch.div(y, d, out=d))
-        elif isinstance(rule, Gamma):
-            p = _shifted(layer, x, "gamma_pos", rule.epsilon, rule.gamma)  # P + eps
+        ctx.signed_input = isinstance(rule, Gamma) and not layer.nonneg_input
+        if ctx.signed_input:
+            y = _gamma_signed_input(ctx, x, z, layer, rule, act)
+        else:
             if relu:
-                ctx.save_for_backward(torch.div(y, p, out=p))
+                y = z = z.relu_()  # the sign tests below read z > 0 from y > 0
             else:
-                # one factor: y / (P + eps) where z > 0, y / (eps - N) elsewhere, with
-                # eps - N = (P + eps) - (2 + g) z > 0 wherever z < 0 (at z = 0, y = 0);
-                # the negative side's sign is restored in the backward pass
-                positive = z > 0
-                d = torch.where(positive, p, torch.sub(p, z, alpha=2 + rule.gamma))
-                ctx.save_for_backward(torch.div(y, d, out=d), positive)
-        else:  # alpha-beta (z-plus: beta = 0)
-            p = _shifted(layer, x, "pos", rule.epsilon)  # P + eps
-            f_neg = None
-            if rule.beta != 0:
-                # z - (P + eps) = N - eps = stab(N) for N < 0; at N == 0 every negative
-                # contribution x_i w_ij- is zero, so that output's share is zero either way
-                n = torch.sub(z, p)
-                f_neg = torch.div(y, n, out=n)
-                if rule.beta != 1:
-                    f_neg.mul_(rule.beta)
-            f_pos = torch.div(y, p, out=p)
-            if rule.alpha != 1:
-                f_pos.mul_(rule.alpha)
-            ctx.save_for_backward(f_pos, *([] if f_neg is None else [f_neg]))
+                y = z if act is None else act(z)  # type: ignore[operator]
+            if isinstance(rule, Epsilon):
+                d = z + rule.epsilon if relu else stabilize(z, rule.epsilon)
+                ctx.save_for_backward(torch.div(y, d, out=d))
+            elif isinstance(rule, Gamma):
+                p = _shifted(layer, x, "gamma_pos", rule.epsilon, rule.gamma)  # P + eps
+                ctx.save_for_backward(_gamma_factors(p, z, y, rule.gamma, relu, rule.epsilon))
+            else:
+                ctx.save_for_backward(*_alpha_beta_factors(layer, x, z, y, rule))
         return y
 
     @staticmethod
@@ -124,19 +113,81 @@ class FusedLayer(torch.autograd.Function):
             return layer.t(grad * saved[0], "plain", shape), None, None, None
         if isinstance(rule, Gamma):
             g = rule.gamma
+            if ctx.signed_input:
+                return _gamma_signed_input_backward(ctx, grad, saved), None, None, None
             if not ctx.signed:
                 return layer.t(grad * saved[0], "gamma_pos", shape, g), None, None, None
-            f, positive = saved
-            c = grad * f
-            c_pos = c * positive
-            c_neg = c.sub_(c_pos)  # exact: c_pos is c or 0
+            (f,) = saved  # sign(f) = sign(z): W + g W+ where f > 0, W + g W- where f < 0
+            c_pos = grad * f.clamp(min=0)
             out = layer.t(c_pos, "gamma_pos", shape, g)
+            c_neg = torch.mul(grad, f.clamp(max=0), out=c_pos)
             return out.sub_(layer.t(c_neg, "gamma_neg", shape, g)), None, None, None
         if len(saved) == 1:  # z-plus
             return layer.t(grad * saved[0], "pos", shape), None, None, None
         f_pos, f_neg = saved
         out = layer.t(grad * f_pos, "pos", shape)
         return out.sub_(layer.t(grad * f_neg, "neg", shape)), None, None, None
+
+
+def _gamma_factors(p: Tensor, z: Tensor, y: Tensor, g: float, relu: bool,
+                   eps: float) -> Tensor:
+    """Gamma's saved factor from p = P + eps (P >= z, so p > 0 wherever z > 0)."""
+    if relu:  # y = 0 where z <= 0; the clamp only keeps 0 / p from meeting p == 0 there
+        return torch.div(y, p.clamp_(min=eps), out=p)
+    # y / (P + eps) where z > 0 and y / (eps - N) where z <= 0, with eps - N =
+    # (P + eps) - (2 + g) z > 0 (at z = 0, y = 0): one positive denominator, so the
+    # factor keeps the sign of y, which is the sign of z (fused activations preserve
+    # it); the backward pass reads the side from it and restores the negative sign
+    return torch.div(y, p.sub_(z.clamp(max=0), alpha=2 + g), out=p)
+
+
+def _gamma_signed_input(ctx: Any, x: Tensor, z: Tensor, layer: BoundLayer, rule: Gamma,
+                        act: Activation) -> Tensor:
+    """Gamma on inputs of both signs with one extra convolution instead of two.
+
+    sum_i (x_i w_ij)+ = (x.w + |x|.|w|) / 2, so P = (1 + g/2) z + (g/2)(|W| |x| + |b|)
+    (as b + g b+ = (1 + g/2) b + (g/2)|b|). The backward pass uses
+    c_x = (1 + g/2) W^T s + (g/2) sign(x) |W|^T (sign(z) s), from w+ = (w + |w|)/2
+    and w- = (w - |w|)/2: two transposed convolutions instead of four.
+    """
+    g = rule.gamma
+    p = _shifted(layer, x.abs(), "gamma_abs", rule.epsilon, g).add_(z, alpha=1 + g / 2)
+    relu = act == RELU
+    if relu:
+        y = z = z.relu_()
+    else:
+        y = z if act is None else act(z)  # type: ignore[operator]
+    ctx.save_for_backward(_gamma_factors(p, z, y, g, relu, rule.epsilon), x > 0)
+    return y
+
+
+def _gamma_signed_input_backward(ctx: Any, grad: Tensor, saved: tuple[Tensor, ...]) -> Tensor:
+    layer: BoundLayer = ctx.layer
+    g = ctx.rule.gamma
+    f, x_pos = saved
+    u = grad * f  # sign(z) s, with s the relevance over the side's denominator
+    s = grad * f.abs() if ctx.signed else u  # after a ReLU, z > 0 wherever s != 0
+    out = layer.t(s, "gamma_mid", ctx.shape, g)
+    t = layer.t(u, "gamma_abs", ctx.shape, g)
+    out.sub_(t)  # out + sign(x) t = out - t + 2 [x > 0] t, without a select
+    return out.add_(t.mul_(x_pos), alpha=2)
+
+
+def _alpha_beta_factors(layer: BoundLayer, x: Tensor, z: Tensor, y: Tensor,
+                        rule: AlphaBeta) -> tuple[Tensor, ...]:
+    p = _shifted(layer, x, "pos", rule.epsilon)  # P + eps
+    f_neg = None
+    if rule.beta != 0:
+        # z - (P + eps) = N - eps = stab(N) for N < 0; at N == 0 every negative
+        # contribution x_i w_ij- is zero, so that output's share is zero either way
+        n = torch.sub(z, p)
+        f_neg = torch.div(y, n, out=n)
+        if rule.beta != 1:
+            f_neg.mul_(rule.beta)
+    f_pos = torch.div(y, p, out=p)
+    if rule.alpha != 1:
+        f_pos.mul_(rule.alpha)
+    return (f_pos,) if f_neg is None else (f_pos, f_neg)
 
 
 class ProportionalRelu(torch.autograd.Function):

@@ -378,7 +378,7 @@ def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Nod
 
 
 def _sole_activation(node: fx.Node) -> tuple[fx.Node, Activation] | None:
-    """The node's only user, if it is a ReLU or an identity-rule activation with f(0) = 0."""
+    """The node's only user, if it is a ReLU or a sign-preserving identity-rule activation."""
     users = list(node.users)
     if len(users) != 1:
         return None
@@ -396,12 +396,22 @@ def _sole_activation(node: fx.Node) -> tuple[fx.Node, Activation] | None:
     def apply(z: Tensor) -> Tensor:
         return fn(z, *rest, **kwargs)
 
-    try:  # relevance at z = 0 is lost in gradient form; fusing must not revive it
-        if apply(torch.zeros(2, 2)).abs().max().item() != 0:
-            return None
-    except Exception:
+    if not _zero_and_sign_preserving(apply):
         return None
     return act, apply
+
+
+def _zero_and_sign_preserving(act: Callable[[Tensor], Tensor]) -> bool:
+    """f(0) = 0 (relevance at z = 0 is lost in gradient form; fusing must not revive it)
+    and sign(f(z)) = sign(z) or f(z) = 0 (the fused rules read the side of z from the
+    sign of their factor), checked on a grid from -1e6 to 1e6."""
+    magnitudes = 10 ** torch.linspace(-6, 6, 601, dtype=torch.float64)
+    probe = torch.cat([-magnitudes, magnitudes, torch.zeros(1, dtype=torch.float64)])
+    try:
+        out = act(probe)
+    except Exception:
+        return False
+    return bool(out[-1] == 0) and bool((out * probe >= 0).all())
 
 
 def _sum_then_relu(fn: Callable[..., Tensor], eps: float, *args: Any, **kwargs: Any) -> Tensor:
