@@ -1,10 +1,14 @@
 """Time and peak memory of relprop against the plain input gradient, Zennit and Captum.
 
-Every (model, batch, method) cell runs in its own subprocess, so peak memory
-(ru_maxrss above the resident size just before the first explanation) is not
-polluted by earlier cells. Time is the median of several runs after one warm-up.
-Ratios are to the plain input gradient of the same model and batch, measured
-in the same invocation.
+Peak memory: every (model, batch, method) cell runs once in its own subprocess,
+so its peak (ru_maxrss above the resident size just before the first
+explanation, weight caches included) is not polluted by other cells. Time: one
+subprocess per (model, batch) builds every method, warms each up once, then
+runs them in turn, round after round, and reports each method's median, so
+that the machine's slow and fast spells fall on all methods alike. "sys s" is
+the median kernel CPU time per call: mostly page faults on freshly mapped
+memory, a cost that grows with allocation, not with arithmetic. Ratios are to
+the plain input gradient of the same model and batch, measured in the same run.
 
     python benchmarks/bench_speed.py                       # VGG16, ResNet18, batch 8
     python benchmarks/bench_speed.py --models vgg16 resnet50 efficientnet_b0 --batches 1 8 \
@@ -92,7 +96,7 @@ def method_fn(model, method: str, x):
     raise ValueError(method)
 
 
-def worker(model_name: str, method: str, batch: int, repeats: int, size: int) -> dict:
+def memory_worker(model_name: str, method: str, batch: int, size: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -102,19 +106,43 @@ def worker(model_name: str, method: str, batch: int, repeats: int, size: int) ->
     fn = method_fn(model, method, x)
     setup = time.perf_counter() - t0
     base = rss_bytes()
-    fn()  # warm-up, and the peak-memory run
+    fn()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
+    return {"mem": max(peak - base, 0), "setup": setup}
+
+
+def time_worker(model_name: str, methods: list[str], batch: int, repeats: int,
+                size: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    model = build(model_name)
+    x = torch.randn(batch, 3, size, size)
+    fns, results = {}, {}
+    for method in methods:
+        try:
+            fns[method] = method_fn(model, method, x)
+            fns[method]()  # warm-up: caches, allocator
+        except Exception as exc:  # a peer that cannot explain this model
+            fns.pop(method, None)
+            results[method] = {"error": f"{type(exc).__name__}: {exc}"[:80]}
+    wall: dict[str, list[float]] = {m: [] for m in fns}
+    sys_time: dict[str, list[float]] = {m: [] for m in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {"time": statistics.median(times), "mem": max(peak - base, 0), "setup": setup}
+        for method, fn in fns.items():
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            t = time.perf_counter()
+            fn()
+            wall[method].append(time.perf_counter() - t)
+            sys_time[method].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - r0.ru_stime)
+    for method in fns:
+        results[method] = {"time": statistics.median(wall[method]),
+                           "sys": statistics.median(sys_time[method])}
+    return results
 
 
-def run_cell(model: str, method: str, batch: int, repeats: int, size: int) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", model, method, str(batch), str(repeats),
-           str(size)]
+def run_worker(*args: str) -> dict:
+    cmd = [sys.executable, __file__, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -123,9 +151,13 @@ def run_cell(model: str, method: str, batch: int, repeats: int, size: int) -> di
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, model, method, batch, repeats, size = sys.argv
-        print(json.dumps(worker(model, method, int(batch), int(repeats), int(size))))
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-worker":
+        _, _, model, method, batch, size = sys.argv
+        print(json.dumps(memory_worker(model, method, int(batch), int(size))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--time-worker":
+        _, _, model, batch, repeats, size, *methods = sys.argv
+        print(json.dumps(time_worker(model, methods, int(batch), int(repeats), int(size))))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["vgg16", "resnet18"])
@@ -137,24 +169,30 @@ def main() -> None:
     p.add_argument("--append", action="store_true", help="append rows to --markdown")
     args = p.parse_args()
     methods = args.methods if "gradient" in args.methods else ["gradient", *args.methods]
-    header = ("| model | batch | method | time (s) | x gradient | extra peak mem (MB) | "
+    header = ("| model | batch | method | time (s) | x gradient | sys s | extra peak mem (MB) | "
               "x gradient | setup (s) |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     print(header)
     for model in args.models:
         for batch in args.batches:
+            times = run_worker("--time-worker", model, str(batch), str(args.repeats),
+                               str(args.size), *methods)
             ref = None
             for method in methods:
-                r = run_cell(model, method, batch, args.repeats, args.size)
-                if "error" in r:
-                    line = f"| {model} | {batch} | {method} | failed: {r['error']} | | | | |"
+                t = times.get(method, times)
+                m = run_worker("--memory-worker", model, method, str(batch), str(args.size))
+                if "error" in t or "error" in m:
+                    err = t.get("error") or m.get("error")
+                    line = f"| {model} | {batch} | {method} | failed: {err} | | | | | |"
                 else:
+                    r = {**t, **m}
                     if method == "gradient":
                         ref = r
                     tr = r["time"] / ref["time"] if ref else float("nan")
                     mr = r["mem"] / ref["mem"] if ref and ref["mem"] else float("nan")
                     line = (f"| {model} | {batch} | {method} | {r['time']:.3f} | {tr:.2f}x | "
-                            f"{r['mem'] / 2**20:.0f} | {mr:.2f}x | {r['setup']:.2f} |")
+                            f"{r['sys']:.2f} | {r['mem'] / 2**20:.0f} | {mr:.2f}x | "
+                            f"{r['setup']:.2f} |")
                 print(line, flush=True)
                 lines.append(line)
     if args.markdown:
@@ -162,7 +200,8 @@ def main() -> None:
             if not args.append:
                 f.write("# Benchmark: relprop vs plain gradient, Zennit, Captum\n\n")
             f.write(f"\nCPU, {os.environ.get('BENCH_THREADS', '2')} threads, input "
-                    f"{args.size}x{args.size}, median of {args.repeats} runs after a warm-up; "
+                    f"{args.size}x{args.size}, median of {args.repeats} interleaved rounds after a "
+                    "warm-up; "
                     f"command: `python benchmarks/bench_speed.py {' '.join(sys.argv[1:])}`\n\n")
             f.write("\n".join(lines) + "\n")
 

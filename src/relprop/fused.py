@@ -85,22 +85,23 @@ class FusedLayer(torch.autograd.Function):
         z = layer.apply(x, "plain", "plain")
         relu = act == RELU
         ctx.shape, ctx.layer, ctx.rule, ctx.signed = x.shape, layer, rule, not relu
-        ctx.signed_input = isinstance(rule, Gamma) and not layer.nonneg_input
-        if ctx.signed_input:
-            y = _gamma_signed_input(ctx, x, z, layer, rule, act)
+        # gamma after a ReLU on inputs >= 0 takes the one-weight form W + g W+
+        ctx.gamma_abs = isinstance(rule, Gamma) and not (relu and layer.nonneg_input)
+        if ctx.gamma_abs:
+            return _gamma_abs_forward(ctx, x, z, layer, rule, act)
+        if relu:
+            y = z = z.relu_()
         else:
-            if relu:
-                y = z = z.relu_()  # the sign tests below read z > 0 from y > 0
-            else:
-                y = z if act is None else act(z)  # type: ignore[operator]
-            if isinstance(rule, Epsilon):
-                d = z + rule.epsilon if relu else stabilize(z, rule.epsilon)
-                ctx.save_for_backward(torch.div(y, d, out=d))
-            elif isinstance(rule, Gamma):
-                p = _shifted(layer, x, "gamma_pos", rule.epsilon, rule.gamma)  # P + eps
-                ctx.save_for_backward(_gamma_factors(p, z, y, rule.gamma, relu, rule.epsilon))
-            else:
-                ctx.save_for_backward(*_alpha_beta_factors(layer, x, z, y, rule))
+            y = z if act is None else act(z)  # type: ignore[operator]
+        if isinstance(rule, Epsilon):
+            d = z + rule.epsilon if relu else stabilize(z, rule.epsilon)
+            ctx.save_for_backward(torch.div(y, d, out=d))
+        elif isinstance(rule, Gamma):
+            p = _shifted(layer, x, "gamma_pos", rule.epsilon, rule.gamma)  # P + eps >= z + eps
+            # y = 0 where z <= 0; the clamp only keeps 0 / p from meeting p == 0 there
+            ctx.save_for_backward(torch.div(y, p.clamp_(min=rule.epsilon), out=p))
+        else:
+            ctx.save_for_backward(*_alpha_beta_factors(layer, x, z, y, rule))
         return y
 
     @staticmethod
@@ -111,17 +112,10 @@ class FusedLayer(torch.autograd.Function):
         saved = ctx.saved_tensors
         if isinstance(rule, Epsilon):
             return layer.t(grad * saved[0], "plain", shape), None, None, None
+        if ctx.gamma_abs:
+            return _gamma_abs_backward(ctx, grad, saved), None, None, None
         if isinstance(rule, Gamma):
-            g = rule.gamma
-            if ctx.signed_input:
-                return _gamma_signed_input_backward(ctx, grad, saved), None, None, None
-            if not ctx.signed:
-                return layer.t(grad * saved[0], "gamma_pos", shape, g), None, None, None
-            (f,) = saved  # sign(f) = sign(z): W + g W+ where f > 0, W + g W- where f < 0
-            c_pos = grad * f.clamp(min=0)
-            out = layer.t(c_pos, "gamma_pos", shape, g)
-            c_neg = torch.mul(grad, f.clamp(max=0), out=c_pos)
-            return out.sub_(layer.t(c_neg, "gamma_neg", shape, g)), None, None, None
+            return layer.t(grad * saved[0], "gamma_pos", shape, rule.gamma), None, None, None
         if len(saved) == 1:  # z-plus
             return layer.t(grad * saved[0], "pos", shape), None, None, None
         f_pos, f_neg = saved
@@ -129,48 +123,46 @@ class FusedLayer(torch.autograd.Function):
         return out.sub_(layer.t(grad * f_neg, "neg", shape)), None, None, None
 
 
-def _gamma_factors(p: Tensor, z: Tensor, y: Tensor, g: float, relu: bool,
-                   eps: float) -> Tensor:
-    """Gamma's saved factor from p = P + eps (P >= z, so p > 0 wherever z > 0)."""
-    if relu:  # y = 0 where z <= 0; the clamp only keeps 0 / p from meeting p == 0 there
-        return torch.div(y, p.clamp_(min=eps), out=p)
-    # y / (P + eps) where z > 0 and y / (eps - N) where z <= 0, with eps - N =
-    # (P + eps) - (2 + g) z > 0 (at z = 0, y = 0): one positive denominator, so the
-    # factor keeps the sign of y, which is the sign of z (fused activations preserve
-    # it); the backward pass reads the side from it and restores the negative sign
-    return torch.div(y, p.sub_(z.clamp(max=0), alpha=2 + g), out=p)
+def _gamma_abs_forward(ctx: Any, x: Tensor, z: Tensor, layer: BoundLayer, rule: Gamma,
+                       act: Activation) -> Tensor:
+    """Gamma where outputs or inputs take both signs, through W and |W| alone.
 
-
-def _gamma_signed_input(ctx: Any, x: Tensor, z: Tensor, layer: BoundLayer, rule: Gamma,
-                        act: Activation) -> Tensor:
-    """Gamma on inputs of both signs with one extra convolution instead of two.
-
-    sum_i (x_i w_ij)+ = (x.w + |x|.|w|) / 2, so P = (1 + g/2) z + (g/2)(|W| |x| + |b|)
-    (as b + g b+ = (1 + g/2) b + (g/2)|b|). The backward pass uses
-    c_x = (1 + g/2) W^T s + (g/2) sign(x) |W|^T (sign(z) s), from w+ = (w + |w|)/2
-    and w- = (w - |w|)/2: two transposed convolutions instead of four.
+    With (x w)+ = (x w + |x| |w|) / 2 and b + g b+ = (1 + g/2) b + (g/2)|b|:
+    P = (1 + g/2) (z + k (|W| |x| + |b|)) with k = g / (2 + g), and P + N = (2 + g) z.
+    Everything below is divided by (1 + g/2): P' = z + k (|W| |x| + |b|), and the
+    negative side's eps - N becomes P' + eps' - 2 z (eps' = eps / (1 + g/2)).
+    One factor f = y / (P' + eps') where z > 0, y / (P' + eps' - 2 z) where z <= 0,
+    whose sign is that of z (fused activations preserve sign; at z = 0, y = 0).
+    Backward, from w+ = (w + |w|)/2 and w- = (w - |w|)/2:
+    c_x = W^T (c |f|) + sign(x) k |W|^T (c f): two transposed convolutions, where
+    the sign-split form needs four, and one cached weight, k |W|.
     """
     g = rule.gamma
-    p = _shifted(layer, x.abs(), "gamma_abs", rule.epsilon, g).add_(z, alpha=1 + g / 2)
+    eps = rule.epsilon / (1 + g / 2)
+    magnitude = x if layer.nonneg_input else x.abs()
+    p = _shifted(layer, magnitude, "gamma_abs", eps, g).add_(z)  # P' + eps'
     relu = act == RELU
     if relu:
-        y = z = z.relu_()
+        y = z.relu_()
+        f = torch.div(y, p.clamp_(min=eps), out=p)  # y = 0 where z <= 0
     else:
         y = z if act is None else act(z)  # type: ignore[operator]
-    ctx.save_for_backward(_gamma_factors(p, z, y, g, relu, rule.epsilon), x > 0)
+        f = torch.div(y, p.sub_(z.clamp(max=0), alpha=2), out=p)
+    ctx.save_for_backward(f, *([] if layer.nonneg_input else [x > 0]))
     return y
 
 
-def _gamma_signed_input_backward(ctx: Any, grad: Tensor, saved: tuple[Tensor, ...]) -> Tensor:
+def _gamma_abs_backward(ctx: Any, grad: Tensor, saved: tuple[Tensor, ...]) -> Tensor:
     layer: BoundLayer = ctx.layer
-    g = ctx.rule.gamma
-    f, x_pos = saved
-    u = grad * f  # sign(z) s, with s the relevance over the side's denominator
+    f = saved[0]
+    u = grad * f  # sign(z) s, with s the relevance over its side's denominator
     s = grad * f.abs() if ctx.signed else u  # after a ReLU, z > 0 wherever s != 0
-    out = layer.t(s, "gamma_mid", ctx.shape, g)
-    t = layer.t(u, "gamma_abs", ctx.shape, g)
+    out = layer.t(s, "plain", ctx.shape)
+    t = layer.t(u, "gamma_abs", ctx.shape, ctx.rule.gamma)
+    if layer.nonneg_input:
+        return out.add_(t)
     out.sub_(t)  # out + sign(x) t = out - t + 2 [x > 0] t, without a select
-    return out.add_(t.mul_(x_pos), alpha=2)
+    return out.add_(t.mul_(saved[1]), alpha=2)
 
 
 def _alpha_beta_factors(layer: BoundLayer, x: Tensor, z: Tensor, y: Tensor,

@@ -175,8 +175,6 @@ def _modify(t: Tensor, mod: str, gamma: float) -> Tensor:
         return t + gamma * t.clamp(min=0)
     if mod == "gamma_neg":  # w + gamma * w-
         return t + gamma * t.clamp(max=0)
-    if mod == "gamma_mid":  # (1 + gamma/2) w: gamma's sign-free half
-        return t * (1 + gamma / 2)
-    if mod == "gamma_abs":  # (gamma/2) |w|: gamma's sign-dependent half
-        return t.abs() * (gamma / 2)
+    if mod == "gamma_abs":  # gamma / (2 + gamma) |w|: see relprop.fused
+        return t.abs() * (gamma / (2 + gamma))
     raise KeyError(mod)
