@@ -222,3 +222,22 @@ def test_fast_path_covers_residual_branches_and_smooth_activations() -> None:
     assert everything <= fast("epsilon")
     alpha_beta = fast("epsilon_alpha2_beta1")
     assert {"branch2", "add", "dw", "silu"} <= alpha_beta and "pw" not in alpha_beta
+
+
+def test_zbox_bounds_per_sample_and_shared() -> None:
+    """Shared bounds are cached for one sample and broadcast, whatever the batch size;
+    per-sample bounds give each sample its own box."""
+    model = with_biases(ModuleCNN(), 0.2).double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    ex = relprop.Explainer(model, composite="epsilon_gamma_box", low=-3.0, high=3.0)
+    batch = ex(x, target=1).relevance
+    for i in range(3):  # a batch of one after a batch of three: the cache is shape-free
+        torch.testing.assert_close(batch[i], ex(x[i:i + 1], target=1).relevance[0])
+    lows = torch.tensor([-3.0, -4.0, -5.0], dtype=torch.float64).view(3, 1, 1, 1)
+    per = relprop.Explainer(model, composite="epsilon_gamma_box", low=lows.expand_as(x),
+                            high=-lows.expand_as(x))
+    mixed = per(x, target=1).relevance
+    for i, low in enumerate((-3.0, -4.0, -5.0)):
+        own = relprop.Explainer(model, composite="epsilon_gamma_box", low=low, high=-low)
+        torch.testing.assert_close(mixed[i], own(x[i:i + 1], target=1).relevance[0])
+    assert not torch.allclose(mixed[2], batch[2])

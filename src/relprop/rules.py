@@ -430,11 +430,15 @@ class ZBox(Rule):
 
     def forward(self, layer, x):
         z = layer.apply(x, "plain", "plain")
-        # b + W+ low + W- high depends only on the shape and the weights: computed once
-        key = ("zbox", tuple(x.shape), x.dtype, id(self))
+        # b + W+ low + W- high depends only on the shape and the weights: computed once,
+        # for one sample unless the bounds differ between samples
+        per_sample = any(isinstance(v, Tensor) and v.dim() == x.dim() and v.shape[0] > 1
+                         for v in (self.low, self.high))
+        shape = tuple(x.shape) if per_sample else (1, *x.shape[1:])
+        key = ("zbox", shape, x.dtype, id(self))
         cache = layer.weights.extra
         if key not in cache:
-            low, high = self._bounds(x)
+            low, high = self._bounds(x.new_empty(shape))
             shift = layer.apply(low, "pos") + layer.apply(high, "neg")
             b = layer.bias_term("plain", z)
             cache[key] = shift if b is None else shift + b
