@@ -177,3 +177,32 @@ def test_deep_residual_networks_stay_finite_and_conserve(arch: str) -> None:
         # whatever did not reach the input is on the books (float32 accumulation aside)
         gap = expl.explained - expl.relevance.sum((1, 2, 3)) - totals["leaked"]
         assert (gap.abs() <= 1e-3 * expl.explained.abs() + 1e-5).all(), composite
+
+
+@torch.fx.wrap
+def wavy(x):
+    return torch.sin(3 * x)
+
+
+class WithWavy(nn.Module):
+    """One activation that keeps the sign of its input (scaled_tanh), one that does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc3(scaled_tanh(self.fc2(wavy(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("composite", ["epsilon", "gamma"])
+def test_fast_path_fuses_only_sign_preserving_activations(composite: str) -> None:
+    relprop.register_function(wavy, "identity")
+    relprop.register_function(scaled_tanh, "identity")
+    model = WithWavy().double()
+    ex = relprop.Explainer(model, composite=composite)
+    fast = {s.name for s in ex.program.steps if s.fast is not None}
+    assert {"fc1", "fc2", "scaled_tanh"} <= fast and "wavy" not in fast, fast
+    x = torch.randn(5, 6, dtype=torch.float64)
+    torch.testing.assert_close(ex(x, target=0).relevance,
+                               ex(x, target=0, record=True).relevance, rtol=1e-9, atol=1e-12)

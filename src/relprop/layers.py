@@ -52,6 +52,7 @@ class LinearKernel:
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,17 @@ class ConvKernel:
         return _CONV[self.ndim](x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def transpose(self, s: Tensor, w: Tensor, x: Tensor | torch.Size) -> Tensor:
-        # The input-gradient half of convolution_backward is exactly W^T s. Only the
-        # input's shape matters: a zero-stride empty tensor stands in when x is not kept.
-        if not isinstance(x, Tensor):
-            x = s.new_empty(1).expand(x)
-        return torch.ops.aten.convolution_backward(
-            s, x, w, None, list(self.stride), list(self.padding), list(self.dilation),
-            False, [0] * self.ndim, self.groups, [True, False, False],
-        )[0]
+        # W^T s is a transposed convolution; output_padding recovers the input size the
+        # strided forward rounded away. (aten.convolution_backward computes the same but
+        # wants the input tensor itself; a stand-in costs it a full copy on CPU.)
+        size = x.shape if isinstance(x, Tensor) else x
+        extra = [
+            size[2 + d] - ((s.shape[2 + d] - 1) * self.stride[d] - 2 * self.padding[d]
+                           + self.dilation[d] * (w.shape[2 + d] - 1) + 1)
+            for d in range(self.ndim)
+        ]
+        return _CONV_T[self.ndim](s, w, None, self.stride, self.padding, extra, self.groups,
+                                  self.dilation)
 
     def bias_like(self, b: Tensor, z: Tensor) -> Tensor:
         return b.view(-1, *([1] * self.ndim))
