@@ -36,6 +36,7 @@ more than a second transposed call.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -197,3 +198,31 @@ class ProportionalRelu(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (f,) = ctx.saved_tensors
         return grad * f, None
+
+
+class LeanMaxPool(torch.autograd.Function):
+    """Max pooling whose backward keeps only the argmax positions, as int32.
+
+    Autograd's own max pooling keeps its input and int64 indices: three times
+    the input's size in float32. Relevance follows the gradient through max
+    pooling, which needs only where each maximum came from.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, pool: Callable[[Tensor], tuple[Tensor, Tensor]],  # type: ignore[override]
+                ndim: int) -> Tensor:
+        y, index = pool(x)
+        ctx.shape, ctx.ndim = x.shape, ndim
+        small = math.prod(x.shape[-ndim:]) < 2**31  # indices count within one channel
+        ctx.save_for_backward(index.to(torch.int32) if small else index)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (index,) = ctx.saved_tensors
+        shape = ctx.shape
+        lead = math.prod(shape[:-ctx.ndim])
+        out = grad.new_zeros(lead, math.prod(shape[-ctx.ndim:]))
+        # scatter_add, not max_unpool: overlapping windows can pick the same input twice
+        out.scatter_add_(1, index.reshape(lead, -1).long(), grad.reshape(lead, -1))
+        return out.view(shape), None, None

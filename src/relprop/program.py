@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .canonize import canonize, mark_nonneg, positive_only, spec
 from .composites import Composite, LayerInfo
 from .errors import InputError, RelpropError
 from .functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio, Tap
-from .fused import RELU, Activation, FusedLayer, ProportionalRelu, fusable
+from .fused import RELU, Activation, FusedLayer, LeanMaxPool, ProportionalRelu, fusable
 from .layers import LayerWeights, fold_batchnorm
 from .optable import Kind, OpSpec, node_location
 from .recurrent import RecurrentRule, run_aten_cell, run_recurrent
@@ -88,9 +89,11 @@ class LayerCall:
 
     def __call__(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
                  gamma=None, beta=None, *, target: Tensor | None = None,
-                 route: str | None = None, tally: Tally | None = None) -> Tensor:
+                 route: str | None = None, tally: Tally | None = None,
+                 relu_after: bool = False) -> Tensor:
         weights = self.weights((w, b, mean, var, gamma, beta))
-        bound = BoundLayer(self.op.kernel, weights, **self.flags, recording=tally is not None)
+        bound = BoundLayer(self.op.kernel, weights, **self.flags, recording=tally is not None,
+                           relu_after=relu_after)
         return LayerRuleFunction.apply(x, target, route, bound, self.rule, tally)
 
     def plain(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
@@ -353,6 +356,9 @@ def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Nod
     for i, step in enumerate(steps):
         if i in bypassed or step.fast is not None:
             continue
+        if step.op == "call_function" and step.node.target in _MAX_POOLS:
+            step.fast = _lean_max_pool(step.node)
+            continue
         if step.kind is Kind.PROPORTIONAL and composite.stabilizer > 0:
             relu = _sole_activation(nodes[i])
             if relu is not None and relu[1] == RELU:
@@ -360,7 +366,14 @@ def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Nod
                                               composite.stabilizer)
                 steps[index[relu[0]]].fast = _passthrough
             continue
-        if step.kind is not Kind.LAYER or step.sink_chain is not None:
+        if step.kind is not Kind.LAYER:
+            continue
+        if step.sink_chain is not None:  # z-box at the input: its ReLU can still join it
+            follower = _sole_activation(nodes[i])
+            if isinstance(step.rule, ZBox) and follower is not None and follower[1] == RELU \
+                    and index[follower[0]] not in bypassed:
+                step.fast = functools.partial(step.call, relu_after=True)
+                steps[index[follower[0]]].fast = _passthrough
             continue
         rule = step.rule
         node = nodes[i]
@@ -412,6 +425,33 @@ def _zero_and_sign_preserving(act: Callable[[Tensor], Tensor]) -> bool:
     except Exception:
         return False
     return bool(out[-1] == 0) and bool((out * probe >= 0).all())
+
+
+# max pooling -> (its with-indices form, spatial dims, position of return_indices)
+_MAX_POOLS: dict[Any, tuple[Callable[..., Any], int, int]] = {
+    F.max_pool1d: (F.max_pool1d_with_indices, 1, 6),
+    F.max_pool2d: (F.max_pool2d_with_indices, 2, 6),
+    F.max_pool3d: (F.max_pool3d_with_indices, 3, 6),
+    F.adaptive_max_pool1d: (F.adaptive_max_pool1d_with_indices, 1, 2),
+    F.adaptive_max_pool2d: (F.adaptive_max_pool2d_with_indices, 2, 2),
+    F.adaptive_max_pool3d: (F.adaptive_max_pool3d_with_indices, 3, 2),
+}
+
+
+def _lean_max_pool(node: fx.Node) -> Callable[..., Any] | None:
+    """Max pooling that saves int32 argmax positions only (relprop.fused.LeanMaxPool)."""
+    with_indices, ndim, flag = _MAX_POOLS[node.target]
+    wants_indices = node.args[flag] if len(node.args) > flag else node.kwargs.get(
+        "return_indices", False)
+    if wants_indices is not False:
+        return None
+
+    def pool(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        kwargs.pop("return_indices", None)
+        args = args[:flag - 1]
+        return LeanMaxPool.apply(x, lambda t: with_indices(t, *args, **kwargs), ndim)
+
+    return pool
 
 
 def _sum_then_relu(fn: Callable[..., Tensor], eps: float, *args: Any, **kwargs: Any) -> Tensor:

@@ -60,6 +60,7 @@ class BoundLayer:
     positive_only: bool = False  # every consumer is ReLU-like: relevance is 0 where z <= 0
     top_k: float | None = None  # relevance filter: fraction of output relevance kept
     recording: bool = False  # a ledger is being kept: rules may keep more for it
+    relu_after: bool = False  # the ReLU after the layer runs inside it (z-box fast path)
 
     def apply(self, x: Tensor, wmod: str, bmod: str | None = None, gamma: float = 0.0) -> Tensor:
         b = None if bmod is None else self.weights.bias(bmod, gamma)
@@ -443,8 +444,9 @@ class ZBox(Rule):
             b = layer.bias_term("plain", z)
             cache[key] = shift if b is None else shift + b
         d = z - cache[key]  # the bias cancels in z-box
-        # backward needs only z / stab(d) (d itself only for the ledger's stabiliser share)
-        ratio = z / stabilize(d, self.epsilon)
+        # backward needs only z / stab(d) (d itself only for the ledger's stabiliser share);
+        # with the ReLU after the layer fused in, relevance arrives as c * relu(z)
+        ratio = (z.relu() if layer.relu_after else z) / stabilize(d, self.epsilon)
         return z, ((ratio, d) if layer.recording else (ratio,))
 
     def backward(self, layer, x, z, state, incoming, tally):
