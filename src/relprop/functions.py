@@ -45,7 +45,7 @@ class LayerRuleFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, z_saved, *state)
         ctx.layer, ctx.rule, ctx.tally, ctx.route = layer, rule, tally, route
-        return z.relu() if layer.relu_after else z
+        return z  # a rule that honours layer.relu_after returns relu(z)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

@@ -446,8 +446,14 @@ class ZBox(Rule):
         d = z - cache[key]  # the bias cancels in z-box
         # backward needs only z / stab(d) (d itself only for the ledger's stabiliser share);
         # with the ReLU after the layer fused in, relevance arrives as c * relu(z)
-        ratio = (z.relu() if layer.relu_after else z) / stabilize(d, self.epsilon)
-        return z, ((ratio, d) if layer.recording else (ratio,))
+        if layer.recording:
+            return z, (z / stabilize(d, self.epsilon), d)
+        # stab(d) = (|d| + eps) * sign(d), in one buffer (these are the largest maps)
+        den = d.abs().add_(self.epsilon or TINY).copysign_(d)
+        del d
+        if layer.relu_after:
+            z = z.relu_()
+        return z, (torch.div(z, den, out=den),)
 
     def backward(self, layer, x, z, state, incoming, tally):
         ratio = state[0]
