@@ -5,10 +5,11 @@ so its peak (ru_maxrss above the resident size just before the first
 explanation, weight caches included) is not polluted by other cells. Time: one
 subprocess per (model, batch) builds every method, warms each up once, then
 runs them in turn, round after round, and reports each method's median, so
-that the machine's slow and fast spells fall on all methods alike. "sys s" is
-the median kernel CPU time per call: mostly page faults on freshly mapped
-memory, a cost that grows with allocation, not with arithmetic. Ratios are to
-the plain input gradient of the same model and batch, measured in the same run.
+that the machine's slow and fast spells fall on all methods alike. "user CPU"
+is the arithmetic (user-space CPU time) and "sys s" the median kernel CPU time
+per call: mostly page faults on freshly mapped memory, a cost that grows with
+allocation, not with arithmetic, and noisy on large maps. Ratios are to the
+plain input gradient of the same model and batch, measured in the same run.
 
     python benchmarks/bench_speed.py                       # VGG16, ResNet18, batch 8
     python benchmarks/bench_speed.py --models vgg16 resnet50 efficientnet_b0 --batches 1 8 \
@@ -128,16 +129,20 @@ def time_worker(model_name: str, methods: list[str], batch: int, repeats: int,
             results[method] = {"error": f"{type(exc).__name__}: {exc}"[:80]}
     wall: dict[str, list[float]] = {m: [] for m in fns}
     sys_time: dict[str, list[float]] = {m: [] for m in fns}
+    user_time: dict[str, list[float]] = {m: [] for m in fns}
     for _ in range(repeats):
         for method, fn in fns.items():
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t = time.perf_counter()
             fn()
             wall[method].append(time.perf_counter() - t)
-            sys_time[method].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - r0.ru_stime)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            sys_time[method].append(r1.ru_stime - r0.ru_stime)
+            user_time[method].append(r1.ru_utime - r0.ru_utime)
     for method in fns:
         results[method] = {"time": statistics.median(wall[method]),
-                           "sys": statistics.median(sys_time[method])}
+                           "sys": statistics.median(sys_time[method]),
+                           "user": statistics.median(user_time[method])}
     return results
 
 
@@ -169,9 +174,9 @@ def main() -> None:
     p.add_argument("--append", action="store_true", help="append rows to --markdown")
     args = p.parse_args()
     methods = args.methods if "gradient" in args.methods else ["gradient", *args.methods]
-    header = ("| model | batch | method | time (s) | x gradient | sys s | extra peak mem (MB) | "
-              "x gradient | setup (s) |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | batch | method | time (s) | x gradient | user CPU x gradient | sys s | "
+              "extra peak mem (MB) | x gradient | setup (s) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     print(header)
     for model in args.models:
         for batch in args.batches:
@@ -183,15 +188,16 @@ def main() -> None:
                 m = run_worker("--memory-worker", model, method, str(batch), str(args.size))
                 if "error" in t or "error" in m:
                     err = t.get("error") or m.get("error")
-                    line = f"| {model} | {batch} | {method} | failed: {err} | | | | | |"
+                    line = f"| {model} | {batch} | {method} | failed: {err} | | | | | | |"
                 else:
                     r = {**t, **m}
                     if method == "gradient":
                         ref = r
                     tr = r["time"] / ref["time"] if ref else float("nan")
                     mr = r["mem"] / ref["mem"] if ref and ref["mem"] else float("nan")
+                    ur = r["user"] / ref["user"] if ref and ref["user"] else float("nan")
                     line = (f"| {model} | {batch} | {method} | {r['time']:.3f} | {tr:.2f}x | "
-                            f"{r['sys']:.2f} | {r['mem'] / 2**20:.0f} | {mr:.2f}x | "
+                            f"{ur:.2f}x | {r['sys']:.2f} | {r['mem'] / 2**20:.0f} | {mr:.2f}x | "
                             f"{r['setup']:.2f} |")
                 print(line, flush=True)
                 lines.append(line)
