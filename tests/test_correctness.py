@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from models import (
     BottleneckSiLUNet,
     FunctionalCNN,
@@ -241,3 +242,37 @@ def test_zbox_bounds_per_sample_and_shared() -> None:
         own = relprop.Explainer(model, composite="epsilon_gamma_box", low=low, high=-low)
         torch.testing.assert_close(mixed[i], own(x[i:i + 1], target=1).relevance[0])
     assert not torch.allclose(mixed[2], batch[2])
+
+
+class PoolZoo(nn.Module):
+    """Max pooling in the forms the lean backward replaces (1-3 d, padding, dilation,
+    ceil_mode, overlapping windows, adaptive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv1d = nn.Conv1d(4, 4, 3, padding=1)
+        self.conv3d = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.conv(x))
+        p = F.max_pool2d(a, 3, stride=2, padding=1, ceil_mode=True)  # overlapping windows
+        q = F.max_pool2d(a, 2, stride=1, dilation=2)
+        r = F.adaptive_max_pool2d(a, (3, 2))
+        s = F.max_pool1d(torch.relu(self.conv1d(a.mean(3))), 2)
+        t = F.adaptive_max_pool3d(torch.relu(self.conv3d(a[:, :1, None])), 2)
+        return torch.cat([p.flatten(1), q.flatten(1), r.flatten(1), s.flatten(1),
+                          t.flatten(1)], 1)
+
+
+def test_lean_max_pooling_routes_like_the_gradient() -> None:
+    """LRP-0 on ReLU/max-pool networks is gradient x input, through every pooling form."""
+    model = with_biases(PoolZoo()).double().eval()
+    x = torch.randn(3, 2, 9, 9, dtype=torch.float64)
+    ex = relprop.Explainer(model, composite="lrp0")
+    pools = [s.name for s in ex.program.steps if "pool" in s.name]
+    assert len(pools) == 5 and all(
+        s.fast is not None for s in ex.program.steps if s.name in pools), pools
+    for target in (0, 40, 70):
+        torch.testing.assert_close(ex(x, target=target).relevance,
+                                   grad_x_input(model, x, target), rtol=1e-9, atol=1e-12)
