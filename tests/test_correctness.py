@@ -206,6 +206,10 @@ def test_fast_path_equals_the_general_path(composite: str, factory) -> None:
     fast = ex(x, target=1)
     general = ex(x, target=1, record=True)
     torch.testing.assert_close(fast.relevance, general.relevance, rtol=1e-9, atol=1e-12)
+    # several targets share one forward; the fused backward must not consume its factors
+    both = ex(x, target=[3, 1]).relevance
+    torch.testing.assert_close(both[:, 1], fast.relevance, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(both[:, 0], ex(x, target=3).relevance, rtol=1e-12, atol=0.0)
 
 
 def test_fast_path_covers_residual_branches_and_smooth_activations() -> None:
