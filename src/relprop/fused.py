@@ -46,13 +46,15 @@ from torch import Tensor
 from .rules import AlphaBeta, BoundLayer, Epsilon, Gamma, Rule, stabilize
 
 # What follows the layer: nothing, a ReLU (z <= 0 carries no relevance), or an
-# element-wise activation with act(0) = 0 whose rule passes relevance unchanged.
+# identity-rule activation with act(0) = 0 that keeps the sign of its input
+# (SiLU, GELU, ...: checked when the program is built).
 Activation = Callable[[Tensor], Tensor] | str | None
 RELU = "relu"
 
 
 def fusable(rule: Rule, nonneg_input: bool) -> bool:
-    """Rules the fast path computes exactly (bias absorbed, no filter)."""
+    """Rules the fast path computes exactly (bias absorbed, no filter). Alpha-beta
+    needs inputs >= 0: on signed inputs only its sign-split form keeps every digit."""
     if rule.bias != "absorb":
         return False
     if isinstance(rule, Epsilon):
