@@ -280,3 +280,13 @@ def test_lean_max_pooling_routes_like_the_gradient() -> None:
     for target in (0, 40, 70):
         torch.testing.assert_close(ex(x, target=target).relevance,
                                    grad_x_input(model, x, target), rtol=1e-9, atol=1e-12)
+
+
+def test_per_sample_zbox_bounds_refuse_a_different_batch_clearly() -> None:
+    model = ModuleCNN().eval()
+    x = torch.randn(6, 3, 8, 8)
+    ex = relprop.Explainer(model, composite="epsilon_gamma_box", low=torch.full_like(x, -3.0),
+                           high=torch.full_like(x, 3.0))
+    assert ex(x, target=1).relevance.shape == x.shape
+    with pytest.raises(relprop.InputError, match=r"low= holds 6 samples but the batch has 2"):
+        ex(x, target=1, batch_size=2)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .errors import CompositeError
+from .errors import CompositeError, InputError
 from .layers import ConvKernel, Kernel, LayerWeights, LinearKernel
 
 BIAS_MODES = ("absorb", "ignore", "distribute")
@@ -424,6 +424,12 @@ class ZBox(Rule):
     uses_output = False
 
     def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        for name, v in (("low", self.low), ("high", self.high)):
+            if isinstance(v, Tensor) and v.dim() == x.dim() and v.shape[0] not in (1, x.shape[0]):
+                raise InputError(
+                    f"z-box bound {name}= holds {v.shape[0]} samples but the batch has "
+                    f"{x.shape[0]} (with batch_size=, per-sample bounds do not split): give "
+                    f"bounds of shape {(1, *v.shape[1:])} or explain the batch in one call")
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device)
         high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device)
         return (torch.broadcast_to(low, x.shape).contiguous(),
