@@ -8,17 +8,18 @@ compared element by element, to rtol 1e-4.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import shared_dir
 from torch import nn
 
 import relprop
 from relprop import LRP0, AlphaBeta, Composite, Epsilon, Flat, WSquare, ZBox, ZPlus
 
-ORACLES = shared_dir() / "oracles" / "innvestigate-layer"
+ORACLES = Path(__file__).parent / "data" / "innvestigate"  # see its README.md
 LAYERS = ["Dense", "Dense_relu", "Conv2D", "Conv2D_relu", "AveragePooling2D", "MaxPooling2D"]
 IN_EPS = 1e-7  # iNNvestigate's epsilon (K.epsilon())
 # iNNvestigate's other rules divide with SafeDivide, which guards only exact zeros
