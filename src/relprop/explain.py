@@ -75,11 +75,20 @@ class Explainer:
         self.record = record
         self._program: Program | None = None
         self._fx_error: TraceError | None = None
-        with preserved(model):
+        self._leaves = leaves
+        self._programs: dict[int, Program] = {}  # by input count, traced again for more inputs
+        from .trace import TRACE_LOCK
+
+        traced = None
+        # Under the lock: a trace in another thread puts this model in eval mode meanwhile.
+        with TRACE_LOCK, preserved(model):
             try:
-                self._program = Program.build(trace_fx(model, leaves), self.composite)
+                traced = trace_fx(model, leaves)
             except TraceError as exc:
                 self._fx_error = exc
+        if traced is not None:
+            with preserved(model):
+                self._program = Program.build(traced, self.composite)
 
     @property
     def program(self) -> Program:
@@ -88,14 +97,35 @@ class Explainer:
         return self._program
 
     def _ensure_program(self, inputs: tuple[Tensor, ...]) -> Program:
-        """fx failed at construction: trace with torch.export on the first real input."""
-        if self._program is None:
+        """The program for these inputs, traced again where the first trace cannot serve.
+
+        More inputs than the graph takes: parameters with defaults were traced with
+        their defaults, so trace again with them as inputs (once per input count).
+        fx failed at construction: fx again if there are more inputs, else (or if that
+        fails too) torch.export on the first real input.
+        """
+        n = len(inputs)
+        known = self._programs.get(n, self._program)
+        if known is not None and len(known.placeholders) >= n:
+            return known
+        error, traced = self._fx_error, None
+        if n > 1 and (known is None or known.traced.method == "fx"):
+            try:
+                traced = trace_fx(self.model, self._leaves, inputs=n)
+            except TraceError as exc:
+                if known is not None:
+                    raise
+                error = exc
+        if traced is None:
             try:
                 traced = trace_export(self.model, inputs)
             except TraceError as exc:
-                raise TraceError(f"{self._fx_error}; and {exc}") from exc
-            self._program = Program.build(traced, self.composite)
-        return self._program
+                raise TraceError(f"{error}; and {exc}") from exc
+        program = Program.build(traced, self.composite)
+        if self._program is None:
+            self._program = program
+        self._programs[n] = program
+        return program
 
     def __call__(self, x: Tensor | tuple[Tensor, ...], target: Target = None,
                  **kwargs: Any) -> Explanation:
@@ -140,7 +170,7 @@ class Explainer:
         index, multi = _resolve_target(target, flat, output_relevance)
         seeds = _seeds(flat, index, start, output_relevance)  # (K, B, N)
         explained = (seeds * flat.detach()).sum(-1).T  # (B, K)
-        sink_ids = list(run.sinks)
+        sink_ids = list(run.sinks)  # placeholder steps with a shadow leaf
         wrt = [*leaves, *(run.sinks[i] for i in sink_ids)]
         K = seeds.shape[0]
         layers = ledger = None
@@ -150,15 +180,10 @@ class Explainer:
                 grads = torch.autograd.grad(flat, wrt, seeds[k], retain_graph=k < K - 1,
                                             allow_unused=True)
                 rel = _relevance(leaves, grads, sink_ids, run)
-                led, lay = build_ledger(program, run, dict(zip(sink_ids, grads[len(leaves):],
-                                                               strict=True)),
-                                        batch, explained[:, k],
+                led, lay = build_ledger(program, run, batch, explained[:, k],
                                         sum(per_sample(r, batch) for r in rel))
                 results.append((rel, led, lay))
-                run.recording.out_grads.clear()
-                run.recording.edge_grads.clear()
-                for t in run.recording.tallies.values():
-                    t.bias = t.stabiliser = None
+                run.recording.clear()
             relevance = tuple(torch.stack([r[0][p] for r in results], 1)
                               for p in range(len(leaves)))
             layers = {name: torch.stack([r[2][name] for r in results], 1)
@@ -320,24 +345,19 @@ def _seeds(flat: Tensor, index: Tensor, start: str,
 
 
 def _relevance(leaves: tuple[Tensor, ...], grads: Sequence[Tensor | None], sink_ids: list[int],
-               run: RunResult, batched: int = 0) -> tuple[Tensor, ...]:
-    """x * grad + relevance collected in sinks; `batched` = K for a batched backward."""
+               run: RunResult) -> tuple[Tensor, ...]:
+    """x * grad plus the relevance that reached the input's shadow leaf (relprop.shadow)."""
     rel = []
     for p, x in enumerate(leaves):
         g = grads[p]
-        shape = ((batched,) if batched else ()) + x.shape
-        r = x.detach() * g if g is not None else x.new_zeros(shape)
-        for j, layer_step in enumerate(sink_ids):
-            if run.sink_sources[layer_step] == _placeholder_step(run, p):
-                sg = grads[len(leaves) + j]
-                if sg is not None:
-                    r = r + sg
+        r = x.detach() * g if g is not None else torch.zeros_like(x)
+        placeholder = run.placeholder_steps[p]
+        if placeholder in sink_ids:
+            sg = grads[len(leaves) + sink_ids.index(placeholder)]
+            if sg is not None:
+                r = r + sg
         rel.append(r.detach())
     return tuple(rel)
-
-
-def _placeholder_step(run: RunResult, p: int) -> int:
-    return run.placeholder_steps[p]
 
 
 def _as_tuple(r: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -21,50 +21,48 @@ from .rules import BoundLayer, Incoming, Rule, Tally, safe_divide, stabilize
 class LayerRuleFunction(torch.autograd.Function):
     """A linear-like layer whose backward is an LRP rule.
 
-    Some rules hand out relevance that is not proportional to the input value
-    (z-box, flat, w-square, bias distribution); gradient form (R / x) cannot
-    carry it to zero-valued inputs. `route` says where it goes instead:
-    "sink" - `target` is a zero leaf beside a model input whose gradient
-    collects that relevance exactly; "bypass" - `target` is the pre-activation
-    z of the ReLU (or other identity-rule activation) that produced x, and
-    the relevance enters there as R / z, as the identity rule demands; None -
-    it is converted to R / x, losing what lands on zeros (the ledger shows it).
+    Gradient form (R = x * c) cannot carry relevance to an input whose value
+    is 0, and some rules hand relevance out regardless of the input's value
+    (z-box, flat, w-square, bias distribution). That relevance travels on the
+    *shadow* channel (relprop.shadow): `shadow` is the input's shadow tensor,
+    whose gradient receives it as relevance, not divided by anything. Without
+    a shadow it is converted to R / x, losing what lands on zeros (the ledger
+    shows it). With `port=True` the layer returns (z, shadow of z) and
+    relevance arriving on that shadow joins c_z * z before the rule applies.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, target: Tensor | None, route: str | None, layer: BoundLayer,
-        rule: Rule, tally: Tally | None,
-    ) -> Tensor:
+        ctx: Any, x: Tensor, shadow: Tensor | None, layer: BoundLayer, rule: Rule,
+        tally: Tally | None, port: bool,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         z, state = rule.forward(layer, x)
-        # z-box keeps z / stab(d) instead of z: z itself only for the ledger or a filter
-        keep_z = rule.uses_output or tally is not None or layer.top_k is not None
-        z_saved = z if keep_z else None
-        if route == "bypass":
-            ctx.save_for_backward(x, z_saved, target, *state)
-        else:
-            ctx.save_for_backward(x, z_saved, *state)
-        ctx.layer, ctx.rule, ctx.tally, ctx.route = layer, rule, tally, route
+        # z-box keeps z / stab(d) instead of z: z itself only for the ledger, a filter or a port
+        keep_z = rule.uses_output or tally is not None or layer.top_k is not None or port
+        ctx.save_for_backward(x, z if keep_z else None, *state)
+        ctx.layer, ctx.rule, ctx.tally, ctx.has_shadow = layer, rule, tally, shadow is not None
+        ctx.set_materialize_grads(False)
+        if port:
+            return z, z.new_zeros(z.shape)
         return z  # a rule that honours layer.relu_after returns relu(z)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor | None,
+                 direct: Tensor | None = None) -> tuple[Tensor | None, ...]:
         x, z, *state = ctx.saved_tensors
-        pre = state.pop(0) if ctx.route == "bypass" else None
         layer: BoundLayer = ctx.layer
-        incoming = Incoming(grad=grad, z=z, top_k=layer.top_k)
+        if grad is None:
+            grad = torch.zeros_like(z if z is not None else state[0])
+        incoming = Incoming(grad=grad, z=z, top_k=layer.top_k, direct=direct)
         out = ctx.rule.backward(layer, x, z, tuple(state), incoming, ctx.tally)
-        grad_x, grad_target = out.grad, None
+        grad_x, grad_shadow = out.grad, None
         if out.relevance is not None:
-            if ctx.route == "sink":
-                grad_target = out.relevance if grad_x is None else out.relevance + x * grad_x
-                grad_x = None
-            elif ctx.route == "bypass":
-                grad_target = safe_divide(out.relevance, pre)
+            if ctx.has_shadow:
+                grad_shadow = out.relevance
             else:
-                direct = safe_divide(out.relevance, x)
-                grad_x = direct if grad_x is None else grad_x + direct
-        return grad_x, grad_target, None, None, None, None
+                lossy = safe_divide(out.relevance, x)
+                grad_x = lossy if grad_x is None else grad_x + lossy
+        return grad_x, grad_shadow, None, None, None, None
 
 
 class StabilisedRatio(torch.autograd.Function):
@@ -137,6 +135,72 @@ class LayerNormRule(torch.autograd.Function):
             ctx.tally.add(bias=s * bias if bias is not None else None, stabiliser=s * (den - y))
         u = s * weight if weight is not None else s
         return (u - u.mean(dim=dims, keepdim=True)) * rstd, None, None, None, None, None, None
+
+
+class ShadowIdentity(torch.autograd.Function):
+    """y = f(x) element-wise with the identity rule R_x = R_y, on both channels.
+
+    Relevance at y is c_y * y plus what arrived on y's shadow. It moves to x
+    in gradient form where x != 0 and on x's shadow where x == 0 (sigmoid(0),
+    or a ReLU whose pre-activation is exactly 0), so none of it is lost.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, shadow: Tensor | None,  # type: ignore[override]
+                fn: Callable[[Tensor], Tensor], port: bool) -> Any:
+        y = fn(x)
+        ctx.save_for_backward(x, y)
+        ctx.has_shadow = shadow is not None
+        ctx.set_materialize_grads(False)
+        return (y, y.new_zeros(y.shape)) if port else y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None,
+                 direct: Tensor | None = None) -> tuple[Tensor | None, ...]:
+        x, y = ctx.saved_tensors
+        r = grad * y if grad is not None else torch.zeros_like(y)
+        if direct is not None:
+            r = r + direct
+        zero = x == 0
+        grad_x = safe_divide(r, x)
+        grad_shadow = torch.where(zero, r, 0.0) if ctx.has_shadow else None
+        return grad_x, grad_shadow, None, None
+
+
+class ShadowSum(torch.autograd.Function):
+    """Marks z = sum of parts (x + y, sum, mean, average pooling) on both channels.
+
+    Relevance at z (c_z * z plus the shadow's) is split in proportion to the
+    parts: c = R / stab(z) flows back through the sum's own gradient. Where z
+    is exactly 0 the proportions are undefined; there the shadow's relevance
+    is split equally among the contributing parts: `parts` is the sum applied
+    to the parts' shadows, `count` the sum applied to ones (the number of
+    contributors), and the sum's gradient then hands each part R / count.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, parts: Tensor, count: Tensor,  # type: ignore[override]
+                epsilon: float, port: bool) -> Any:
+        ctx.save_for_backward(z, count)
+        ctx.epsilon = epsilon
+        ctx.set_materialize_grads(False)
+        out = z.view_as(z)
+        return (out, z.new_zeros(z.shape)) if port else out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None,
+                 direct: Tensor | None = None) -> tuple[Tensor | None, ...]:
+        z, count = ctx.saved_tensors
+        r = grad * z if grad is not None else torch.zeros_like(z)
+        if direct is not None:
+            r = r + direct
+        zero = z == 0
+        grad_z = torch.where(zero, 0.0, r / stabilize(z, ctx.epsilon))
+        grad_parts = None
+        if direct is not None:
+            grad_parts = torch.where(zero & (count != 0), direct / count.where(count != 0, 1.0),
+                                     0.0)
+        return grad_z, grad_parts, None, None, None
 
 
 class Tap(torch.autograd.Function):

@@ -90,8 +90,8 @@ class Ledger:
         return self.table()
 
 
-def build_ledger(program, run, sink_grads: dict[int, Tensor], batch: int,
-                 explained: Tensor, at_input: Tensor) -> tuple[Ledger, dict[str, Tensor]]:
+def build_ledger(program, run, batch: int, explained: Tensor,
+                 at_input: Tensor) -> tuple[Ledger, dict[str, Tensor]]:
     """Per-node balances and per-node relevance maps from one recorded backward pass."""
     rec = run.recording
     entries: list[LedgerEntry] = []
@@ -111,13 +111,13 @@ def build_ledger(program, run, sink_grads: dict[int, Tensor], batch: int,
         elif isinstance(value, Tensor):
             grad = rec.out_grads.get(i)
             r_node = value.detach() * grad if grad is not None else torch.zeros_like(value)
+            direct = rec.shadow_out.get(i)  # relevance on the shadow channel (relprop.shadow)
+            if direct is not None:
+                r_node = r_node + direct
             r_in = None
         else:
             continue
         if step.op == "placeholder":
-            for layer_step, src in run.sink_sources.items():
-                if src == i and layer_step in sink_grads:
-                    r_node = r_node + sink_grads[layer_step]
             layers[step.name] = r_node
             continue
         if step.kind is Kind.META:
@@ -131,8 +131,10 @@ def build_ledger(program, run, sink_grads: dict[int, Tensor], batch: int,
             if g is not None:
                 v = rec.values[src] if elem is None else rec.values[src][elem]
                 out = out + per_sample(v.detach() * g, batch)
-        if i in sink_grads:
-            out = out + per_sample(sink_grads[i], batch)
+        for key in rec.shadow_edges.get(i, []):
+            g = rec.shadow_edge_grads.get(key)
+            if g is not None:
+                out = out + per_sample(g, batch)
         tally = rec.tallies.get(i)
         zero = torch.zeros_like(out)
         spec = step.node.meta["relprop"]

@@ -14,18 +14,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .canonize import canonize, mark_nonneg, positive_only, spec
 from .composites import Composite, LayerInfo
 from .errors import InputError, RelpropError
-from .functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio, Tap
+from .functions import (
+    IdentityRule,
+    LayerNormRule,
+    LayerRuleFunction,
+    ShadowIdentity,
+    ShadowSum,
+    StabilisedRatio,
+    Tap,
+)
 from .fused import RELU, Activation, FusedLayer, LeanMaxPool, ProportionalRelu, fusable
 from .layers import LayerWeights, fold_batchnorm
 from .optable import Kind, OpSpec, node_location
 from .recurrent import RecurrentRule, run_aten_cell, run_recurrent
 from .rules import BoundLayer, Epsilon, Flat, Rule, Tally, WSquare, ZBox
+from .shadow import MAX_POOLS, Role, is_binary_sum, plan_shadows, zero_preserving
 from .trace import TracedModel, attribute
 
 
@@ -54,8 +62,8 @@ def _resolve(value: Any, env: list[Any], tap: Callable[[int, Any], Any] | None) 
     return value
 
 
-def needs_sink(rule: Rule) -> bool:
-    """Rules that hand out relevance not proportional to the input value."""
+def hands_out_directly(rule: Rule) -> bool:
+    """Rules that hand out relevance not proportional to the input value (relprop.shadow)."""
     return isinstance(rule, ZBox | Flat | WSquare) or rule.bias == "distribute"
 
 
@@ -88,13 +96,12 @@ class LayerCall:
         return self._weights
 
     def __call__(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
-                 gamma=None, beta=None, *, target: Tensor | None = None,
-                 route: str | None = None, tally: Tally | None = None,
-                 relu_after: bool = False) -> Tensor:
+                 gamma=None, beta=None, *, shadow: Tensor | None = None, port: bool = False,
+                 tally: Tally | None = None, relu_after: bool = False) -> Any:
         weights = self.weights((w, b, mean, var, gamma, beta))
-        bound = BoundLayer(self.op.kernel, weights, **self.flags, recording=tally is not None,
-                           relu_after=relu_after)
-        return LayerRuleFunction.apply(x, target, route, bound, self.rule, tally)
+        bound = BoundLayer(self.op.kernel, weights, **self.flags,
+                           recording=tally is not None or port, relu_after=relu_after)
+        return LayerRuleFunction.apply(x, shadow, bound, self.rule, tally, port)
 
     def plain(self, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None, var=None,
               gamma=None, beta=None) -> Tensor:
@@ -122,10 +129,9 @@ class Step:
     kwargs: Any
     dynamic: bool
     rule: Rule | RecurrentRule | None = None
-    # direct relevance goes to a sink beside the model input, through these move steps
-    # (reshape, flatten, ...: [placeholder, move, move, ...]), so zero inputs get theirs
-    sink_chain: list[int] | None = None
-    bypass: int | None = None  # ...or enters at this step's output (a ReLU's input)
+    role: Role | None = None  # how the step carries the shadow channel (relprop.shadow)
+    producer: bool = False  # hands relevance to its input's shadow
+    shadow_out: bool = False  # a consumer wants this step's shadow
     fast: Callable[..., Any] | None = None  # replaces `call` when not recording (relprop.fused)
     frees: list[int] = field(default_factory=list)
 
@@ -143,14 +149,24 @@ class Recording:
     edge_grads: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     edges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # step -> (key, src)
     tallies: dict[int, Tally] = field(default_factory=dict)
+    # the shadow channel: relevance itself, not divided by the value
+    shadow_out: dict[Any, Tensor] = field(default_factory=dict)  # step -> at its shadow
+    shadow_edges: dict[int, list[Any]] = field(default_factory=dict)  # step -> keys
+    shadow_edge_grads: dict[Any, Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        """Forget the gradients of one backward pass (the next target reuses the graph)."""
+        for store in (self.out_grads, self.edge_grads, self.shadow_out, self.shadow_edge_grads):
+            store.clear()
+        for t in self.tallies.values():
+            t.bias = t.stabiliser = None
 
 
 @dataclass
 class RunResult:
     output: Any
     inputs: list[Tensor]
-    sinks: dict[int, Tensor]  # step index of the consuming layer -> sink leaf
-    sink_sources: dict[int, int]  # step index of the consuming layer -> placeholder step
+    sinks: dict[int, Tensor]  # placeholder step -> its shadow leaf (direct relevance)
     recording: Recording | None
     placeholder_steps: list[int] = field(default_factory=list)
 
@@ -188,8 +204,7 @@ class Program:
                     step.call = functools.partial(run_aten_cell, s.module, step.rule)
                 else:
                     step.call = functools.partial(run_recurrent, s.module, step.rule)
-                x = node.args[0]
-                step.sink_chain = _move_chain(x, index)
+                step.producer = True
             elif s is not None and s.kind is Kind.LAYER:
                 info = LayerInfo(node.name, s.path, s.layer_type, s.kernel.kind,
                                  rank.get(node, -1), len(ranked))
@@ -199,19 +214,22 @@ class Program:
                          "top_k": composite.top_k}
                 step.rule = rule
                 step.call = LayerCall(s, rule, flags)
-                if needs_sink(rule) and isinstance(x, fx.Node):
-                    step.sink_chain = _move_chain(x, index)
-                    if step.sink_chain is None and _identity_activation(x) and \
-                            isinstance(x.args[0], fx.Node):
-                        step.bypass = index[x.args[0]]
+                step.producer = hands_out_directly(rule)
             elif s is not None:
                 step.call = _step_call(s, composite)
+                step.producer = s.kind is Kind.ELEMENTWISE and _revives_zeros(node)
             elif node.op in ("call_function",):
                 step.call = node.target  # type: ignore[assignment]
             elif node.op == "call_method":
                 name = str(node.target)
                 step.call = lambda obj, *a, _n=name, **k: getattr(obj, _n)(*a, **k)
             steps.append(step)
+        roles, wanted = plan_shadows(nodes, dynamic, {n for n, st in zip(nodes, steps,
+                                                                        strict=True)
+                                                      if st.producer})
+        for node, step in zip(nodes, steps, strict=True):
+            step.role = roles.get(node)
+            step.shadow_out = node in wanted
         _plan_fast_paths(steps, nodes, index, nonneg, composite)
         _plan_frees(steps, nodes, index)
         return cls(steps, traced, composite)
@@ -222,9 +240,9 @@ class Program:
     def run(self, inputs: list[Tensor], record: bool = False) -> RunResult:
         """Forward pass; with record=True every value and gradient is kept for the ledger."""
         env: list[Any] = [None] * len(self.steps)
+        shadows: list[Any] = [None] * len(self.steps)
         rec = Recording(values=env) if record else None
         sinks: dict[int, Tensor] = {}
-        sink_sources: dict[int, int] = {}
         feed = iter(inputs)
         output = None
         for i, step in enumerate(self.steps):
@@ -234,8 +252,13 @@ class Program:
                 except StopIteration:
                     raise InputError(f"the model takes more inputs than the {len(inputs)} "
                                      "given") from None
+                if step.shadow_out:
+                    sinks[i] = torch.zeros_like(env[i], requires_grad=True)
+                    shadows[i] = sinks[i]
                 if rec is not None:
                     env[i] = Tap.apply(env[i], rec.out_grads, i)
+                    if shadows[i] is not None:
+                        shadows[i] = Tap.apply(shadows[i], rec.shadow_out, i)
                 continue
             if step.op == "get_attr":
                 env[i] = attribute(self.traced.root, str(step.node.target)).detach()
@@ -271,27 +294,15 @@ class Program:
                 break
             kwargs = _resolve(step.kwargs, env, tap)
             try:
-                if step.kind in (Kind.LAYER, Kind.RECURRENT):
-                    if step.sink_chain is not None:
-                        src = step.sink_chain[0]
-                        sink = torch.zeros_like(env[src], requires_grad=True)
-                        sinks[i], sink_sources[i] = sink, src
-                        target = sink
-                        for j in step.sink_chain[1:]:  # the same moves, applied to the sink
-                            move = self.steps[j]
-                            rest = _resolve(move.args[1:], env, None)
-                            target = move.call(target, *rest, **_resolve(move.kwargs, env, None))
-                        kwargs = {**kwargs, "target": target, "route": "sink"}
-                    elif step.bypass is not None:
-                        pre = env[step.bypass]
-                        pre = tap(step.bypass, pre) if tap is not None else pre
-                        kwargs = {**kwargs, "target": pre, "route": "bypass"}
-
                 if rec is not None and step.kind in (Kind.LAYER, Kind.NORM, Kind.RECURRENT):
                     rec.tallies[i] = Tally()
                     kwargs = {**kwargs, "tally": rec.tallies[i]}
-                call = step.fast if (rec is None and step.fast is not None) else step.call
-                value = call(*args, **kwargs)
+                if step.producer or step.shadow_out:
+                    value, shadows[i] = self._run_shadowed(i, step, args, kwargs, env, shadows,
+                                                           rec)
+                else:
+                    call = step.fast if (rec is None and step.fast is not None) else step.call
+                    value = call(*args, **kwargs)
             except RelpropError:
                 raise
             except Exception as exc:
@@ -308,11 +319,109 @@ class Program:
                         Tap.apply(e, rec.out_grads, (i, j))
                         if isinstance(e, Tensor) and e.requires_grad else e
                         for j, e in enumerate(value))
+                if isinstance(shadows[i], Tensor):
+                    shadows[i] = Tap.apply(shadows[i], rec.shadow_out, i)
             env[i] = value
             if rec is None:
                 for j in step.frees:
-                    env[j] = None
-        return RunResult(output, list(inputs), sinks, sink_sources, rec, self.placeholders)
+                    env[j] = shadows[j] = None
+        return RunResult(output, list(inputs), sinks, rec, self.placeholders)
+
+    def _run_shadowed(self, i: int, step: Step, args: Any, kwargs: Any, env: list[Any],
+                      shadows: list[Any], rec: Recording | None) -> tuple[Any, Any]:
+        """Run one step on both channels: (value, shadow or None). See relprop.shadow."""
+        node = step.node
+
+        def shadow_of(src: int) -> Any:
+            sh = shadows[src]
+            if sh is None:
+                return None
+            if rec is not None and isinstance(sh, Tensor):
+                key = (i, src, len(rec.shadow_edges.setdefault(i, [])))
+                rec.shadow_edges[i].append(key)
+                sh = Tap.apply(sh, rec.shadow_edge_grads, key)
+            return sh
+
+        def first_shadow() -> Any:
+            x = step.args[0] if step.args else None
+            return shadow_of(x.index) if isinstance(x, _Ref) else None
+
+        def is_data(ref: Any) -> bool:
+            return isinstance(ref, _Ref) and self.steps[ref.index].dynamic and \
+                self.steps[ref.index].kind is not Kind.META
+
+        def on_shadows(template: Any, fill: Callable[[Any], Any] | None = None) -> Any:
+            """The arguments with every data input replaced by its shadow (or zeros), or
+            by `fill(value)`."""
+            def sub(ref: _Ref) -> Any:
+                v = env[ref.index]
+                if not is_data(ref):
+                    return v
+                if fill is not None:
+                    return fill(v)
+                sh = shadow_of(ref.index)
+                return sh if sh is not None else _zeros_like(v)
+            return _map_refs(template, sub)
+
+        def summands(template: Any, resolved: Any) -> Any:
+            """x + c: the constant summand c carries no shadow and is no contributor."""
+            if not is_binary_sum(node):
+                return resolved
+            return tuple(v if is_data(t) or not isinstance(v, Tensor | int | float) or
+                         isinstance(v, bool) else 0 * v
+                         for t, v in zip(template[:2], resolved[:2], strict=True)
+                         ) + tuple(resolved[2:])
+
+        r = step.role
+        port = step.shadow_out
+        if r is Role.LAYER:
+            call = step.fast if (rec is None and step.fast is not None) else step.call
+            out = call(*args, shadow=first_shadow(), port=port, **kwargs)
+            return out if port else (out, None)
+        if r is Role.RECURRENT:
+            sh = first_shadow()
+            kw = {**kwargs, "target": sh, "route": "sink"} if sh is not None else kwargs
+            return step.call(*args, **kw), None
+        s = spec(node)
+        if r is Role.IDENTITY:
+            rest = args[1:]
+
+            def fn(t: Tensor) -> Tensor:
+                return s.fn(t, *rest, **kwargs)
+
+            out = ShadowIdentity.apply(args[0], first_shadow(), fn, port)
+            return out if port else (out, None)
+        if r is Role.MOVE:
+            value = step.call(*args, **kwargs)
+            return value, step.call(*on_shadows(step.args), **on_shadows(step.kwargs))
+        if r is Role.SCALE:
+            value = step.call(*args, **kwargs)
+            src = next(a for a in _refs(step.args) if is_data(a))
+            sh = shadow_of(src.index)
+            if sh is None:
+                sh = _zeros_like(value)
+            return value, sh.expand_as(value) if sh.shape != value.shape else sh
+        if r is Role.POOL:
+            with_indices, ndim, flag = MAX_POOLS[node.target]
+            kw = {k: v for k, v in kwargs.items() if k != "return_indices"}
+            value, idx = with_indices(args[0], *args[1:flag], **kw)
+            sh = first_shadow()
+            if sh is None:
+                sh = _zeros_like(args[0])
+            flat = sh.flatten(-ndim)
+            picked = flat.gather(-1, idx.flatten(-ndim).expand(*flat.shape[:-1], -1))
+            return value, picked.view_as(value)
+        if r is Role.SUM:
+            value = s.fn(*args, **kwargs)
+            parts = s.fn(*summands(step.args, on_shadows(step.args)), **on_shadows(step.kwargs))
+            with torch.no_grad():
+                ones = summands(step.args, on_shadows(step.args, _ones_like))
+                count = s.fn(*ones, **on_shadows(step.kwargs, _ones_like))
+            count = torch.as_tensor(count, dtype=value.dtype).expand_as(value)
+            eps = self.composite.stabilizer
+            out = ShadowSum.apply(value, parts, count, eps, port)
+            return out if port else (out, None)
+        return step.call(*args, **kwargs), None
 
 
 def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
@@ -348,30 +457,32 @@ def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Nod
     """Give layers (with the activation after them) and sum -> ReLU pairs a fused Function.
 
     Not when recording (the ledger wants every node apart), with a relevance
-    filter, or when a later rule must route relevance to an activation's input.
+    filter, or on steps that carry the shadow channel (relprop.shadow).
     """
     if composite.top_k is not None:
         return
-    bypassed = {s.bypass for s in steps if s.bypass is not None}
+    shadowed = {i for i, s in enumerate(steps) if s.producer or s.shadow_out}
     for i, step in enumerate(steps):
-        if i in bypassed or step.fast is not None:
+        if step.fast is not None or (i in shadowed and step.rule is None):
             continue
-        if step.op == "call_function" and step.node.target in _MAX_POOLS:
+        if step.op == "call_function" and step.node.target in MAX_POOLS:
             step.fast = _lean_max_pool(step.node)
             continue
         if step.kind is Kind.PROPORTIONAL and composite.stabilizer > 0:
             relu = _sole_activation(nodes[i])
-            if relu is not None and relu[1] == RELU:
+            if relu is not None and relu[1] == RELU and index[relu[0]] not in shadowed:
                 step.fast = functools.partial(_sum_then_relu, spec(nodes[i]).fn,
                                               composite.stabilizer)
                 steps[index[relu[0]]].fast = _passthrough
             continue
         if step.kind is not Kind.LAYER:
             continue
-        if step.sink_chain is not None:  # z-box at the input: its ReLU can still join it
+        if step.shadow_out:
+            continue
+        if step.producer:  # z-box at the input: its ReLU can still join it
             follower = _sole_activation(nodes[i])
             if isinstance(step.rule, ZBox) and follower is not None and follower[1] == RELU \
-                    and index[follower[0]] not in bypassed:
+                    and index[follower[0]] not in shadowed:
                 step.fast = functools.partial(step.call, relu_after=True)
                 steps[index[follower[0]]].fast = _passthrough
             continue
@@ -383,7 +494,7 @@ def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Nod
         if not fusable(rule, node.args[0] in nonneg) or spec(node).kernel.kind == "affine":
             continue
         follower = _sole_activation(node)
-        if follower is None or index[follower[0]] in bypassed:
+        if follower is None or index[follower[0]] in shadowed:
             step.fast = functools.partial(step.call.fused, None)
         else:
             step.fast = functools.partial(step.call.fused, follower[1])
@@ -427,20 +538,9 @@ def _zero_and_sign_preserving(act: Callable[[Tensor], Tensor]) -> bool:
     return bool(out[-1] == 0) and bool((out * probe >= 0).all())
 
 
-# max pooling -> (its with-indices form, spatial dims, position of return_indices)
-_MAX_POOLS: dict[Any, tuple[Callable[..., Any], int, int]] = {
-    F.max_pool1d: (F.max_pool1d_with_indices, 1, 6),
-    F.max_pool2d: (F.max_pool2d_with_indices, 2, 6),
-    F.max_pool3d: (F.max_pool3d_with_indices, 3, 6),
-    F.adaptive_max_pool1d: (F.adaptive_max_pool1d_with_indices, 1, 2),
-    F.adaptive_max_pool2d: (F.adaptive_max_pool2d_with_indices, 2, 2),
-    F.adaptive_max_pool3d: (F.adaptive_max_pool3d_with_indices, 3, 2),
-}
-
-
 def _lean_max_pool(node: fx.Node) -> Callable[..., Any] | None:
     """Max pooling that saves int32 argmax positions only (relprop.fused.LeanMaxPool)."""
-    with_indices, ndim, flag = _MAX_POOLS[node.target]
+    with_indices, ndim, flag = MAX_POOLS[node.target]
     wants_indices = node.args[flag] if len(node.args) > flag else node.kwargs.get(
         "return_indices", False)
     if wants_indices is not False:
@@ -462,44 +562,12 @@ def _passthrough(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return x
 
 
-def _move_chain(x: Any, index: dict[fx.Node, int]) -> list[int] | None:
-    """[placeholder, move, ...] if x is a model input seen through pure moves, else None.
-
-    Moves (reshape, view, flatten, permute, transpose, squeeze, ...) carry values
-    one to one, so their gradient carries relevance back to the input exactly.
-    """
-    chain: list[int] = []
-    while isinstance(x, fx.Node):
-        if x.op == "placeholder":
-            return [index[x], *reversed(chain)]
-        s = spec(x)
-        if s is None or not s.pure_move or not x.args or not isinstance(x.args[0], fx.Node):
-            return None
-        others = [a for a in _args_of(x) if a is not x.args[0]]
-        if any(spec(a) is not None and spec(a).kind is not Kind.META for a in others):
-            return None  # a second data input: not a pure rearrangement of one tensor
-        chain.append(index[x])
-        x = x.args[0]
-    return None
-
-
-def _identity_activation(node: fx.Node) -> bool:
-    """ReLU or another element-wise activation whose rule passes relevance unchanged."""
-    s = spec(node)
-    return s is not None and (s.zero_below or s.kind is Kind.ELEMENTWISE)
-
-
 def _plan_frees(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, int]) -> None:
     """Drop each value from the environment after its last use (autograd keeps what it needs)."""
     last: dict[int, int] = {}
     for i, node in enumerate(nodes):
         for a in _args_of(node):
             last[index[a]] = i
-        if steps[i].bypass is not None:
-            last[steps[i].bypass] = max(last.get(steps[i].bypass, i), i)
-        for j in steps[i].sink_chain or []:  # the moves are replayed on the sink here
-            for a in _args_of(nodes[j]):
-                last[index[a]] = max(last.get(index[a], i), i)
     for src, i in last.items():
         if steps[src].op != "placeholder":
             steps[i].frees.append(src)
@@ -510,3 +578,51 @@ def _args_of(node: fx.Node) -> list[fx.Node]:
     fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
     return found
 
+
+
+def _map_refs(value: Any, fn: Callable[[_Ref], Any]) -> Any:
+    """`value` with every _Ref replaced by fn(ref)."""
+    if isinstance(value, _Ref):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return type(value)(_map_refs(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_refs(v, fn) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_map_refs(value.start, fn), _map_refs(value.stop, fn),
+                     _map_refs(value.step, fn))
+    return value
+
+
+def _refs(value: Any) -> list[_Ref]:
+    found: list[_Ref] = []
+    _map_refs(value, lambda r: found.append(r) or r)
+    return found
+
+
+def _zeros_like(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return torch.zeros_like(v)
+    if isinstance(v, tuple | list):
+        return type(v)(_zeros_like(e) for e in v)
+    return v
+
+
+def _ones_like(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return torch.ones_like(v)
+    if isinstance(v, tuple | list):
+        return type(v)(_ones_like(e) for e in v)
+    return v
+
+
+def _revives_zeros(node: fx.Node) -> bool:
+    """An identity-rule activation with f(0) != 0 whose output carries relevance (not only
+    a gate): relevance reaching an input that is exactly 0 needs the shadow channel."""
+    s = spec(node)
+    if s is None or s.fn is None or any(isinstance(a, fx.Node) for a in _args_of(node)
+                                        if a is not node.args[0]):
+        return False
+    if zero_preserving(lambda t: s.fn(t, *node.args[1:], **node.kwargs)):
+        return False
+    return not all(spec(u) is not None and "(gate x" in spec(u).label for u in node.users)

@@ -18,6 +18,7 @@ each output's bias share b_j / n_j to its n_j connected inputs (conserved).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +60,7 @@ class BoundLayer:
     nonneg_input: bool = False  # input known >= 0 (after a ReLU): x- terms vanish
     positive_only: bool = False  # every consumer is ReLU-like: relevance is 0 where z <= 0
     top_k: float | None = None  # relevance filter: fraction of output relevance kept
-    recording: bool = False  # a ledger is being kept: rules may keep more for it
+    recording: bool = False  # a ledger is kept or relevance may arrive directly: keep more
     relu_after: bool = False  # the ReLU after the layer runs inside it (z-box fast path)
 
     def apply(self, x: Tensor, wmod: str, bmod: str | None = None, gamma: float = 0.0) -> Tensor:
@@ -94,15 +95,24 @@ class Incoming:
     grad: Tensor  # c_z
     z: Tensor
     top_k: float | None = None
+    # relevance that arrived directly (not as c_z * z): shares handed to z where z may be 0
+    direct: Tensor | None = None
     _relevance: Tensor | None = field(default=None, repr=False)
 
     @property
     def filtered(self) -> bool:
         return self.top_k is not None
 
+    @property
+    def plain(self) -> bool:
+        """All relevance is c_z * z, unfiltered: rules may work on c_z directly."""
+        return self.top_k is None and self.direct is None
+
     def relevance(self) -> Tensor:
         if self._relevance is None:
             r = self.grad * self.z
+            if self.direct is not None:
+                r = r + self.direct
             if self.top_k is not None:
                 r = keep_top_k(r, self.top_k)
             self._relevance = r
@@ -146,6 +156,26 @@ def _distribute(layer: BoundLayer, x: Tensor, shares: Tensor) -> Tensor:
     return layer.t(shares / layer.fan_in(x), "ones", x)
 
 
+def is_number(value: object) -> bool:
+    """A real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_nonnegative(owner: str, name: str, value: object, why: str) -> None:
+    """Refuse a parameter that must be a finite number >= 0, naming it and saying why.
+
+    Checked when a rule or composite is built, so a typo fails before any model work
+    instead of surfacing as exploding or vanishing relevance.
+    """
+    ok = is_number(value) and math.isfinite(value) and value >= 0  # type: ignore[arg-type]
+    if not ok:
+        raise CompositeError(f"{owner}: {name}={value!r} is not allowed; {name} must be a "
+                             f"finite number >= 0 ({why})")
+
+
+EPSILON_WHY = "it is added to each denominator's magnitude; a negative one can cancel it"
+
+
 @dataclass(frozen=True)
 class Rule:
     """Base of all layer rules; `bias` selects the bias handling."""
@@ -158,6 +188,8 @@ class Rule:
     def __post_init__(self) -> None:
         if self.bias not in BIAS_MODES:
             raise CompositeError(f"bias={self.bias!r}: choose one of {', '.join(BIAS_MODES)}")
+        if hasattr(self, "epsilon"):  # every rule's stabiliser (the epsilon rule's epsilon)
+            check_nonnegative(type(self).__name__, "epsilon", self.epsilon, EPSILON_WHY)
 
     def forward(self, layer: BoundLayer, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         return layer.apply(x, "plain", "plain"), ()
@@ -181,7 +213,7 @@ class Epsilon(Rule):
 
     def backward(self, layer, x, z, state, incoming, tally):
         b = layer.bias_term("plain", z)
-        if self.epsilon == 0 and not incoming.filtered and (b is None or self.bias != "ignore"):
+        if self.epsilon == 0 and incoming.plain and (b is None or self.bias != "ignore"):
             # LRP-0 without stabiliser: R_z / z = c_z exactly, the plain gradient.
             s = incoming.grad
             if tally is not None and b is not None and self.bias == "absorb":
@@ -242,10 +274,18 @@ class AlphaBeta(Rule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-9:
+        finite = all(is_number(v) and math.isfinite(v) for v in (self.alpha, self.beta))
+        given = f"AlphaBeta: alpha={self.alpha!r}, beta={self.beta!r}"
+        if not finite or self.alpha < 0 or self.beta < 0:
             raise CompositeError(
-                f"alpha={self.alpha}, beta={self.beta}: need alpha - beta = 1, both >= 0"
-            )
+                f"{given}: alpha and beta must be finite numbers >= 0 (with alpha - beta = 1): "
+                "they weight the shares of the positive and the negative contributions, and a "
+                "negative weight hands relevance out with the wrong sign")
+        if abs(self.alpha - self.beta - 1) > 1e-9:
+            raise CompositeError(
+                f"{given}: need alpha - beta = 1, otherwise the rule does not conserve "
+                f"relevance: each layer would hand on alpha - beta = "
+                f"{self.alpha - self.beta:g} times what it receives")
 
     def forward(self, layer, x):
         return layer.apply(x, "plain", "plain"), (_positive_contributions(layer, x),)
@@ -302,6 +342,12 @@ class Gamma(Rule):
     gamma: float = 0.25
     epsilon: float = 1e-6
     name = "gamma"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_nonnegative("Gamma", "gamma", self.gamma,
+                          "a negative gamma favours contributions against the output's sign, "
+                          "the denominator can cross zero and relevance explodes")
 
     def forward(self, layer, x):
         return layer.apply(x, "plain", "plain"), (_positive_contributions(layer, x),)
@@ -413,6 +459,28 @@ def _three_transposes(layer: BoundLayer, s: Tensor, x: Tensor) -> tuple[Tensor, 
     return out.chunk(3, dim=dim)
 
 
+def check_bounds(low: float | Tensor, high: float | Tensor) -> None:
+    """Refuse z-box bounds with low > high anywhere (floats or tensors, elementwise)."""
+    for name, v in (("low", low), ("high", high)):
+        if not (isinstance(v, Tensor) or is_number(v)):
+            raise CompositeError(f"ZBox: {name}={v!r}: the bound must be a number or a tensor")
+    lo = torch.as_tensor(low).detach()
+    hi = torch.as_tensor(high).detach().to(lo.device)
+    try:
+        bad = ~(lo <= hi)  # NaN bounds count as bad too
+    except RuntimeError as exc:
+        raise CompositeError(f"ZBox: low= of shape {tuple(lo.shape)} and high= of shape "
+                             f"{tuple(hi.shape)} do not broadcast together") from exc
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0]) if bad.dim() else ()
+        lo_b, hi_b = torch.broadcast_tensors(lo, hi)
+        at = f" at index {where}" if where else ""
+        raise CompositeError(
+            f"ZBox: low > high{at} (low={lo_b[where].item():g}, high={hi_b[where].item():g}, "
+            f"{int(bad.sum())} of {bad.numel()} positions): low= and high= are the smallest and "
+            "largest value each input can take, so low <= high everywhere")
+
+
 @dataclass(frozen=True, eq=False)
 class ZBox(Rule):
     """z-box (z^B) for bounded inputs low <= x <= high, meant for the input layer."""
@@ -422,6 +490,10 @@ class ZBox(Rule):
     epsilon: float = 1e-6
     name = "zbox"
     uses_output = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bounds(self.low, self.high)
 
     def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
         for name, v in (("low", self.low), ("high", self.high)):
@@ -463,7 +535,9 @@ class ZBox(Rule):
 
     def backward(self, layer, x, z, state, incoming, tally):
         ratio = state[0]
-        if incoming.filtered:
+        if not incoming.plain and layer.recording:  # d kept: exact also where z = 0
+            s = incoming.relevance() / stabilize(state[1], self.epsilon)
+        elif not incoming.plain:
             s = incoming.relevance() * (ratio / z.where(z != 0, 1.0))
         else:
             s = incoming.grad * ratio  # R / stab(d) = c * z / stab(d)

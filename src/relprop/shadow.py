@@ -1,0 +1,157 @@
+"""The shadow channel: relevance that gradient form cannot carry.
+
+Autograd carries c = R / a, so relevance that lands on a value a = 0 is lost:
+a bias share handed to a unit a ReLU switched off (`bias="distribute"`), the
+flat and w-square rules on zero inputs, sigmoid(0) passing its relevance to
+an input that is exactly 0. Such relevance travels on a second channel: every
+value a on the way gets a *shadow*, a zero tensor of a's shape computed from
+its inputs' shadows, whose gradient is relevance itself (not divided by a).
+
+Which values get a shadow is decided once per program (`plan_shadows`): the
+inputs of the ops that produce direct relevance (producers), and, backwards
+from them, the inputs of every op the shadow can cross:
+
+- moves (reshape, flatten, cat, split, indexing, padding, dropout): the same
+  op applied to the shadow carries relevance with the values;
+- max pooling: the shadow is gathered at the value's argmax (winner takes all);
+- identity-rule activations (ReLU, tanh, sigmoid, ...): R passes unchanged;
+  it re-enters gradient form where the input is non-zero;
+- sums (x + y, sum, mean, average pooling): proportional split, and an equal
+  split where the sum is exactly 0 (relprop.functions.ShadowSum);
+- scaling by a constant: R passes unchanged.
+
+A shadow stops at a dense/conv layer (the relevance joins the layer's own
+before its rule), at a model input (the shadow is a leaf whose gradient adds
+to the input relevance) and at ops it cannot cross (normalisation, gated
+products, recurrent layers): there what it carries is lost and the ledger
+shows it as "other".
+"""
+
+from __future__ import annotations
+
+import operator
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .canonize import spec
+from .optable import Kind
+
+# max pooling -> (its with-indices form, spatial dims, position of return_indices)
+MAX_POOLS: dict[Any, tuple[Any, int, int]] = {
+    F.max_pool1d: (F.max_pool1d_with_indices, 1, 6),
+    F.max_pool2d: (F.max_pool2d_with_indices, 2, 6),
+    F.max_pool3d: (F.max_pool3d_with_indices, 3, 6),
+    F.adaptive_max_pool1d: (F.adaptive_max_pool1d_with_indices, 1, 2),
+    F.adaptive_max_pool2d: (F.adaptive_max_pool2d_with_indices, 2, 2),
+    F.adaptive_max_pool3d: (F.adaptive_max_pool3d_with_indices, 3, 2),
+}
+_BINARY_SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
+                "add", "sub", "__add__", "__sub__", "add_", "sub_"}
+_DIVISIONS = {operator.truediv, torch.div, operator.itruediv, "div", "div_", "__truediv__"}
+_SIGNED_IDENTITY = {F.leaky_relu, F.prelu}
+
+
+class Role(Enum):
+    """How an op carries a shadow (None: it cannot)."""
+
+    INPUT = "input"  # a model input: the shadow is a leaf
+    LAYER = "layer"  # dense/conv/affine: direct relevance joins the rule's input
+    RECURRENT = "recurrent"  # LSTM/GRU: hands relevance to its input's shadow, none out
+    IDENTITY = "identity"  # element-wise map with the identity rule
+    MOVE = "move"  # the same op applied to the shadow
+    POOL = "pool"  # max pooling: gather at the argmax
+    SUM = "sum"  # proportional split
+    SCALE = "scale"  # times / divided by a constant
+
+
+def role(node: fx.Node, dynamic: set[fx.Node]) -> Role | None:
+    """How `node` carries a shadow, from its OpSpec."""
+    if node.op == "placeholder":
+        return Role.INPUT
+    s = spec(node)
+    if s is None or node not in dynamic:
+        return None
+    if s.kind is Kind.LAYER:
+        return Role.LAYER
+    if s.kind is Kind.RECURRENT:
+        return Role.RECURRENT
+    if s.kind is Kind.ELEMENTWISE or s.zero_below or node.target in _SIGNED_IDENTITY:
+        return Role.IDENTITY
+    if s.kind is Kind.PROPORTIONAL:
+        return Role.SUM
+    if s.kind is not Kind.GRADIENT:
+        return None
+    if node.target in MAX_POOLS:
+        return Role.POOL if not _returns_indices(node) else None
+    if s.product:
+        dyn = [a for a in data_inputs(node, dynamic)]
+        if len(dyn) != 1 or (node.target in _DIVISIONS and node.args[0] is not dyn[0]):
+            return None  # c / x is not linear in x
+        return Role.SCALE
+    if s.pure_move or _is_move(node):
+        return Role.MOVE
+    return None
+
+
+def _is_move(node: fx.Node) -> bool:
+    """GRADIENT ops that are linear with 0/1 coefficients (cat, getitem, pad, expand, ...)."""
+    s = spec(node)
+    return s is not None and s.kind is Kind.GRADIENT and not s.product and \
+        not s.zero_below and node.target not in _SIGNED_IDENTITY and \
+        node.target not in MAX_POOLS and s.fn is not None
+
+
+def _returns_indices(node: fx.Node) -> bool:
+    flag = MAX_POOLS[node.target][2]
+    value = node.args[flag] if len(node.args) > flag else node.kwargs.get(
+        "return_indices", False)
+    return value is not False
+
+
+def data_inputs(node: fx.Node, dynamic: set[fx.Node]) -> list[fx.Node]:
+    """The input-dependent tensor arguments whose relevance this node hands back."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    out = []
+    for a in found:
+        s = spec(a)
+        if a in dynamic and (s is None or s.kind is not Kind.META) and a not in out:
+            out.append(a)
+    return out
+
+
+def is_binary_sum(node: fx.Node) -> bool:
+    return node.target in _BINARY_SUMS or getattr(node.target, "_opname", "") in ("add", "sub")
+
+
+def plan_shadows(nodes: list[fx.Node], dynamic: set[fx.Node],
+                 producers: set[fx.Node]) -> tuple[dict[fx.Node, Role], set[fx.Node]]:
+    """Each node's role, and the nodes whose shadow some consumer wants."""
+    roles = {n: r for n in nodes if (r := role(n, dynamic)) is not None}
+    wanted: set[fx.Node] = set()
+    for node in reversed(nodes):
+        r = roles.get(node)
+        if node in producers:
+            first = node.args[0] if node.args else None
+            if isinstance(first, fx.Node) and first in dynamic:
+                wanted.add(first)
+        elif node in wanted and r in (Role.IDENTITY, Role.POOL):
+            wanted.add(node.args[0])
+        elif node in wanted and r in (Role.MOVE, Role.SUM, Role.SCALE):
+            wanted.update(data_inputs(node, dynamic))
+    can_carry = {Role.INPUT, Role.LAYER, Role.IDENTITY, Role.MOVE, Role.POOL, Role.SUM,
+                 Role.SCALE}
+    return roles, {n for n in wanted if roles.get(n) in can_carry}
+
+
+def zero_preserving(fn: Any) -> bool:
+    """f(0) == 0 for an element-wise map (else relevance at exactly-0 inputs needs a shadow)."""
+    try:
+        out = fn(torch.zeros(1, dtype=torch.float64))
+    except Exception:
+        return False
+    return bool(torch.as_tensor(out).eq(0).all())
