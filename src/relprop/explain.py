@@ -25,6 +25,7 @@ from .trace import trace_export, trace_fx
 
 Target = int | Sequence[int] | Tensor | None
 STARTS = ("value", "one", "softmax")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -156,8 +157,13 @@ class Explainer:
     def _explain(self, inputs: tuple[Tensor, ...], target: Target,
                  output_relevance: Tensor | None, start: str, record: bool) -> Explanation:
         program = self._ensure_program(inputs)
-        leaves = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
-        run = program.run(list(leaves), record=record)
+        # half precision is explained in float32 (on the same rounded weights) and the
+        # results handed back in the input's dtype: float16 cannot hold the rules' ratios
+        half = next((t.dtype for t in inputs if t.dtype in _HALF), None)
+        compute = torch.float32 if half is not None else None
+        leaves = tuple(t.detach().to(compute or t.dtype).clone().requires_grad_(True)
+                       for t in inputs)
+        run = program.run(list(leaves), record=record, dtype=compute)
         output = run.output
         if not isinstance(output, Tensor):
             raise RelpropError(f"the model returned {type(output).__name__}, not a tensor; "
@@ -208,6 +214,9 @@ class Explainer:
             index, explained = index[:, 0], explained[:, 0]
             if layers is not None:
                 layers = {k: v.squeeze(1) for k, v in layers.items()}
+        if half is not None:
+            relevance = tuple(r.to(t.dtype) for r, t in zip(relevance, inputs, strict=True))
+            output, explained = output.to(half), explained.to(half)
         return Explanation(relevance=relevance, output=output.detach(), target=index,
                            explained=explained, composite=self.composite.name,
                            layers=layers, _ledger=ledger)

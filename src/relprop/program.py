@@ -179,6 +179,7 @@ class Program:
         self.traced = traced
         self.composite = composite
         self.placeholders = [i for i, s in enumerate(steps) if s.op == "placeholder"]
+        self._casts: dict[str, tuple[tuple, Tensor, Tensor]] = {}
 
     @classmethod
     def build(cls, traced: TracedModel, composite: Composite) -> Program:
@@ -237,8 +238,14 @@ class Program:
     def layer_steps(self) -> list[Step]:
         return [s for s in self.steps if s.kind is Kind.LAYER]
 
-    def run(self, inputs: list[Tensor], record: bool = False) -> RunResult:
-        """Forward pass; with record=True every value and gradient is kept for the ledger."""
+    def run(self, inputs: list[Tensor], record: bool = False,
+            dtype: torch.dtype | None = None) -> RunResult:
+        """Forward pass; with record=True every value and gradient is kept for the ledger.
+
+        `dtype`: compute in this floating-point type, parameters and buffers cast
+        to it (half-precision models are explained in float32: the rules divide by
+        small denominators that float16 cannot hold).
+        """
         env: list[Any] = [None] * len(self.steps)
         shadows: list[Any] = [None] * len(self.steps)
         rec = Recording(values=env) if record else None
@@ -261,7 +268,7 @@ class Program:
                         shadows[i] = Tap.apply(shadows[i], rec.shadow_out, i)
                 continue
             if step.op == "get_attr":
-                env[i] = attribute(self.traced.root, str(step.node.target)).detach()
+                env[i] = self._attribute(str(step.node.target), dtype)
                 continue
             tap = None
             if rec is not None and step.dynamic:
@@ -326,6 +333,20 @@ class Program:
                 for j in step.frees:
                     env[j] = shadows[j] = None
         return RunResult(output, list(inputs), sinks, rec, self.placeholders)
+
+    def _attribute(self, target: str, dtype: torch.dtype | None) -> Any:
+        """A parameter or buffer, detached; cast to `dtype` once per parameter version."""
+        value = attribute(self.traced.root, target)
+        if not isinstance(value, Tensor):
+            return value
+        value = value.detach()
+        if dtype is None or not value.is_floating_point() or value.dtype == dtype:
+            return value
+        key = (value.data_ptr(), value._version, value.shape, dtype)
+        cached = self._casts.get(target)
+        if cached is None or cached[0] != key:
+            cached = self._casts[target] = (key, value.to(dtype), value)  # keep the source
+        return cached[1]
 
     def _run_shadowed(self, i: int, step: Step, args: Any, kwargs: Any, env: list[Any],
                       shadows: list[Any], rec: Recording | None) -> tuple[Any, Any]:
