@@ -18,14 +18,31 @@ Example of a custom composite::
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
 from .errors import CompositeError
 from .recurrent import RecurrentRule
-from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
+from .rules import (
+    LRP0,
+    TINY,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    Rule,
+    WSquare,
+    ZBox,
+    ZPlus,
+    check_bounds,
+    check_nonnegative,
+    is_number,
+)
 
 
 @dataclass
@@ -59,6 +76,35 @@ class Composite:
     name: str = "custom"
     recurrent: RecurrentRule = field(default_factory=RecurrentRule)
 
+    def __post_init__(self) -> None:
+        check_nonnegative("Composite", "stabilizer", self.stabilizer,
+                          "the epsilon of the proportional split at sums and average pooling")
+        check_top_k(self.top_k)
+
+    def describe(self) -> dict[str, Any]:
+        """Every rule of the composite with all its parameters, plus stabilizer and top_k.
+
+        So that an explanation can say which values were used (defaults included),
+        not only which were asked for. Rules are dicts ({"rule": class name, field:
+        value, ...}); tensors (z-box bounds) are summarised by shape and range.
+        """
+        out: dict[str, Any] = {"name": self.name}
+        for f in dataclasses.fields(self):
+            out[f.name] = _describe_value(getattr(self, f.name))
+        return out
+
+    def summary(self) -> str:
+        """describe() as text, one entry per line (for the ledger and reports)."""
+        lines = []
+        for key, value in self.describe().items():
+            if value is None or value == {}:
+                continue  # no such entry (no rule for `last`, no filter)
+            if isinstance(value, dict) and "rule" not in value:
+                lines.extend(f"{key}[{k}]: {_format_rule(v)}" for k, v in value.items())
+            else:
+                lines.append(f"{key}: {_format_rule(value)}")
+        return "\n".join(lines)
+
     def rule_for_recurrent(self, layer: LayerInfo) -> RecurrentRule:
         """LSTM/GRU: a RecurrentRule by name pattern or type, else the composite's."""
         for pattern, rule in self.by_name.items():
@@ -89,18 +135,53 @@ class Composite:
         return self.default
 
 
+def check_top_k(top_k: float | None) -> None:
+    """top_k is the fraction of relevance kept at each layer's output: (0, 1] or None."""
+    ok = top_k is None or (is_number(top_k) and 0 < top_k <= 1)
+    if not ok:
+        raise CompositeError(f"top_k={top_k!r}: the fraction of relevance kept at each layer "
+                             "must be in (0, 1] (or None to keep all of it)")
+
+
+def _describe_value(value: Any) -> Any:
+    if isinstance(value, Rule | RecurrentRule):
+        out: dict[str, Any] = {"rule": type(value).__name__}
+        for f in dataclasses.fields(value):
+            out[f.name] = _describe_value(getattr(value, f.name))
+        return out
+    if isinstance(value, dict):
+        return {(k.__name__ if isinstance(k, type) else str(k)): _describe_value(v)
+                for k, v in value.items()}
+    if isinstance(value, Tensor):
+        if value.numel() == 1:
+            return float(value)
+        return (f"tensor{tuple(value.shape)} in [{float(value.min()):g}, "
+                f"{float(value.max()):g}]")
+    return value
+
+
+def _format_rule(value: Any) -> str:
+    if isinstance(value, dict) and "rule" in value:
+        params = ", ".join(f"{k}={v!r}" if isinstance(v, str) and not v.startswith("tensor")
+                           else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in value.items() if k != "rule")
+        return f"{value['rule']}({params})"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _uniform(rule: Rule, name: str, stabilizer: float, top_k: float | None,
              recurrent: RecurrentRule) -> Composite:
     return Composite(default=rule, stabilizer=stabilizer, top_k=top_k, name=name,
                      recurrent=recurrent)
 
 
-def _bounds(name: str, low: float | Tensor | None, high: float | Tensor | None) -> ZBox:
+def _bounds(name: str, low: float | Tensor | None, high: float | Tensor | None,
+            bias: str) -> ZBox:
     if low is None or high is None:
         raise CompositeError(
             f"composite {name!r} uses the z-box rule and needs low= and high=, the smallest and "
             "largest value an input can take (e.g. the normalised pixel range)")
-    return ZBox(low=low, high=high)
+    return ZBox(low=low, high=high, bias=bias)
 
 
 PRESETS = (
@@ -108,32 +189,95 @@ PRESETS = (
     "epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
     "epsilon_alpha2_beta1_flat", "layer_position",
 )
+# The keywords every preset accepts (a preset ignores those it has no rule for, so
+# one set of keywords can be passed to any preset, as the command line does).
+PARAMETERS = ("epsilon", "gamma", "alpha", "beta", "low", "high", "bias", "top_k", "stabilizer")
+DEFAULT_EPSILON = 1e-6  # the epsilon rule's (Zennit's default)
+DEFAULT_STABILIZER = 1e-6  # sums and average pooling
+
+
+def _refuse_unknown(unknown: dict[str, Any]) -> None:
+    for key in unknown:
+        close = difflib.get_close_matches(key, PARAMETERS, n=1)
+        hint = f" (did you mean {close[0]}=?)" if close else ""
+        raise CompositeError(
+            f"unknown keyword {key}={hint}; the composite keywords are "
+            f"{', '.join(p + '=' for p in PARAMETERS)}")
 
 
 def make_composite(
     name: str | Composite,
     *,
-    epsilon: float = 1e-6,
-    gamma: float = 0.25,
-    alpha: float = 2.0,
-    beta: float = 1.0,
+    epsilon: float | None = None,
+    gamma: float | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
     low: float | Tensor | None = None,
     high: float | Tensor | None = None,
-    bias: str = "absorb",
+    bias: str | None = None,
     top_k: float | None = None,
-    stabilizer: float = 1e-6,
+    stabilizer: float | None = None,
+    **unknown: Any,
 ) -> Composite:
-    """A preset by name (see PRESETS), or the given Composite unchanged."""
+    """A preset by name (see PRESETS), or the given Composite unchanged.
+
+    Every value is checked here, before any model work, and an explicit keyword
+    reaches every rule it names, so nothing given is silently dropped:
+
+    - `epsilon=` sets the epsilon rule's epsilon (default 1e-6) and the LSTM/GRU
+      rule's (RecurrentRule; Arras' 1e-3 when epsilon is not given; epsilon=0
+      gives it 1e-30, LRP-0's guard against 0/0). LRP-0 layers stay at 0 by
+      definition. The stabilisers inside the gamma, alpha-beta, flat, w-square
+      and z-box rules are numerical guards (Zennit's `stabilizer`, 1e-6), not
+      this epsilon (an epsilon of 0.25 there would change those rules), and
+      are left alone.
+    - `bias=` goes to every rule, the recurrent one included.
+    - `stabilizer=` is the epsilon of sums and average pooling: 1e-6 (0 for
+      `lrp0`) unless given; when not given but a smaller `epsilon=` is, it
+      follows the epsilon (min of the two), so a tiny epsilon is not masked by
+      sums stabilised a million times more strongly.
+
+    Keywords a preset has no rule for (`gamma=` for "epsilon") are checked but
+    unused, so one set of keywords works with every preset; `describe()` on the
+    result shows what each layer type gets. A misspelt keyword is refused.
+    """
+    _refuse_unknown(unknown)
+    values = {"epsilon": epsilon, "gamma": gamma, "alpha": alpha, "beta": beta, "low": low,
+              "high": high, "bias": bias, "top_k": top_k, "stabilizer": stabilizer}
+    given = [k for k, v in values.items() if v is not None]
     if isinstance(name, Composite):
+        if given:
+            raise CompositeError(
+                f"{', '.join(k + '=' for k in given)} configure presets and would be ignored "
+                "here: a Composite carries its own rules, so set the values in them, e.g. "
+                "Epsilon(epsilon=...), RecurrentRule(epsilon=...), Composite(stabilizer=...)")
         return name
-    recurrent = RecurrentRule(bias=bias) if bias != "absorb" else RecurrentRule()
-    if top_k is not None and not 0 < top_k <= 1:
-        raise CompositeError(f"top_k={top_k}: the fraction of relevance kept must be in (0, 1]")
-    eps = Epsilon(epsilon=epsilon, bias=bias)
+    gamma = 0.25 if gamma is None else gamma
+    alpha = 2.0 if alpha is None else alpha
+    beta = 1.0 if beta is None else beta
+    bias = "absorb" if bias is None else bias
+    if not isinstance(name, str):
+        raise CompositeError(f"composite must be a preset name or a Composite, got "
+                             f"{type(name).__name__}")
+    check_top_k(top_k)
+    if stabilizer is not None:
+        check_nonnegative(f"composite {name!r}", "stabilizer", stabilizer,
+                          "the epsilon of the proportional split at sums and average pooling")
+    if low is not None and high is not None:
+        check_bounds(low, high)
+    eps_value = DEFAULT_EPSILON if epsilon is None else epsilon
+    eps = Epsilon(epsilon=eps_value, bias=bias)
+    # epsilon=0 (LRP-0) gets LRP-0's guard against 0/0 here too: an LSTM's sums are
+    # exactly 0 where inputs and state are (zero padding, no bias)
+    recurrent = RecurrentRule(bias=bias) if epsilon is None else \
+        RecurrentRule(epsilon=epsilon or TINY, bias=bias)
+    if stabilizer is None:
+        stabilizer = DEFAULT_STABILIZER if epsilon is None else min(DEFAULT_STABILIZER, epsilon)
     gam = Gamma(gamma=gamma, bias=bias)
     zplus = ZPlus(bias=bias)
     ab = AlphaBeta(alpha=alpha, beta=beta, bias=bias)
     ab21 = AlphaBeta(alpha=2.0, beta=1.0, bias=bias)
+    flat = Flat(bias=bias)
     linear = {nn.Linear: eps, "linear": eps, "affine": eps}
 
     def mixed(conv: Rule, first: Rule | None = None) -> Composite:
@@ -141,25 +285,26 @@ def make_composite(
                          stabilizer=stabilizer, top_k=top_k, name=name, recurrent=recurrent)
 
     if name == "lrp0":
-        return _uniform(LRP0(bias=bias), name, 0.0, top_k, recurrent)
+        sums = 0.0 if "stabilizer" not in given else stabilizer  # LRP-0: plain gradient
+        return _uniform(LRP0(bias=bias), name, sums, top_k, recurrent)
     simple = {"epsilon": eps, "gamma": gam, "zplus": zplus, "alpha_beta": ab,
-              "flat": Flat(), "wsquare": WSquare(bias=bias)}
+              "flat": flat, "wsquare": WSquare(bias=bias)}
     if name in simple:
         return _uniform(simple[name], name, stabilizer, top_k, recurrent)
     if name == "zbox":
-        return _uniform(_bounds(name, low, high), name, stabilizer, top_k, recurrent)
+        return _uniform(_bounds(name, low, high, bias), name, stabilizer, top_k, recurrent)
     if name == "epsilon_gamma_box":
-        return mixed(gam, _bounds(name, low, high))
+        return mixed(gam, _bounds(name, low, high, bias))
     if name == "epsilon_plus":
         return mixed(zplus)
     if name == "epsilon_plus_flat":
-        return mixed(zplus, Flat())
+        return mixed(zplus, flat)
     if name == "epsilon_alpha2_beta1":
         return mixed(ab21)
     if name == "epsilon_alpha2_beta1_flat":
-        return mixed(ab21, Flat())
+        return mixed(ab21, flat)
     if name == "layer_position":
-        return LayerPosition(first=_bounds(name, low, high), gamma_rule=gam, epsilon_rule=eps,
+        return LayerPosition(first=_bounds(name, low, high, bias), gamma_rule=gam, epsilon_rule=eps,
                              last=LRP0(bias=bias), stabilizer=stabilizer, top_k=top_k,
                              name=name, recurrent=recurrent)
     raise CompositeError(f"unknown composite {name!r}; presets: {', '.join(PRESETS)}")

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CompositeError, UnsupportedOperationError
-from .rules import BIAS_MODES, Tally, safe_divide
+from .rules import BIAS_MODES, EPSILON_WHY, Tally, check_nonnegative, safe_divide
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class RecurrentRule:
     def __post_init__(self) -> None:
         if self.bias not in BIAS_MODES:
             raise CompositeError(f"bias={self.bias!r}: choose one of {', '.join(BIAS_MODES)}")
+        check_nonnegative("RecurrentRule", "epsilon", self.epsilon, EPSILON_WHY)
+        check_nonnegative("RecurrentRule", "bias_factor", self.bias_factor,
+                          "the share of bias and stabiliser relevance handed to the inputs")
 
     def describe(self) -> str:
         extra = f", bias_factor={self.bias_factor:g}" if self.bias == "distribute" else ""
