@@ -1,11 +1,13 @@
 """A slow, obviously correct LRP reference: explicit matrices, four steps per layer.
 
 Every layer is turned into an explicit (out x in) matrix W and bias b for the
-sample at hand (convolutions and average pooling by probing with unit
-vectors; max pooling as the 0/1 matrix selecting each window's winner; ReLU as
-the identity on relevance). Then, per layer, from the contribution matrix
+sample at hand (convolutions, transposed convolutions and average pooling by
+probing with unit vectors; max pooling as the 0/1 matrix selecting each
+window's winner; ReLU as the identity on relevance). Then, per layer, from the contribution matrix
 Z_ij = x_i w_ij the rule's formula of ../shared/RULES.md is evaluated term by
 term: forward, divide, transpose, multiply. No autograd, no shortcuts.
+Bias handling (`"bias"` in a rule: absorb, ignore, distribute) as RULES.md
+defines it, with n_j the number of inputs connected to output j.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class Layer:
     W: np.ndarray | None = None
     b: np.ndarray | None = None
     proportional: bool = False  # average pooling: the proportional rule, not the composite's
+    # the map with every weight 1 and no bias (what flat and bias distribution count);
+    # None: W != 0
+    conn: np.ndarray | None = None
 
 
 def affine_from(fn, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -42,45 +47,61 @@ def affine_from(fn, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rule_relevance(rule: dict, x: np.ndarray, W: np.ndarray, b: np.ndarray,
-                   R: np.ndarray) -> np.ndarray:
-    """Input relevance of one dense layer z = W x + b for one sample, term by term."""
+                   R: np.ndarray, conn: np.ndarray | None = None) -> np.ndarray:
+    """Input relevance of one dense layer z = W x + b for one sample, term by term.
+
+    `conn` is the layer with every weight 1 and no bias (default: W != 0); its
+    column sums n_j count the inputs each output is connected to.
+    """
     name = rule["name"]
     eps = rule.get("epsilon", EPS)
+    mode = rule.get("bias", "absorb")
+    keep = mode != "ignore"  # bias in the denominators
     Wt = W.T  # (in, out): w_ij with i input, j output
+    C = ((W != 0) if conn is None else conn).T.astype(float)  # (in, out)
+    n = C.sum(0)
     xp, xn = np.maximum(x, 0), np.minimum(x, 0)
     wp, wn = np.maximum(Wt, 0), np.minimum(Wt, 0)
     bp, bn = np.maximum(b, 0), np.minimum(b, 0)
+
+    def shares(v: np.ndarray) -> np.ndarray | float:
+        """distribute: output j's bias relevance v_j, b_j / n_j to each connected input."""
+        if mode != "distribute":
+            return 0.0
+        return (C * (v / np.where(n == 0, 1.0, n))[None]).sum(1)
+
     if name in ("lrp0", "epsilon"):
         Z = x[:, None] * Wt
         z = Z.sum(0) + b
-        if name == "lrp0":
-            return (Z / np.where(z == 0, 1.0, z)[None] * R[None]).sum(1)
-        return (Z / stab(z, eps)[None] * R[None]).sum(1)
+        D = z if keep else z - b
+        s = R / (np.where(D == 0, 1.0, D) if name == "lrp0" else stab(D, eps))
+        return (Z * s[None]).sum(1) + shares(b * s)
     if name == "alpha_beta":
         a, be = rule["alpha"], rule["beta"]
         Zp = xp[:, None] * wp + xn[:, None] * wn
         Zn = xp[:, None] * wn + xn[:, None] * wp
-        P = Zp.sum(0) + bp
-        N = Zn.sum(0) + bn
-        return (a * Zp / stab(P, eps)[None] * R[None]).sum(1) - \
-            (be * Zn / stab(N, eps)[None] * R[None]).sum(1)
+        P = Zp.sum(0) + (bp if keep else 0.0)
+        N = Zn.sum(0) + (bn if keep else 0.0)
+        sp, sn = R / stab(P, eps), R / stab(N, eps)
+        return a * (Zp * sp[None]).sum(1) - be * (Zn * sn[None]).sum(1) + \
+            shares(a * bp * sp - be * bn * sn)
     if name == "gamma":
         g = rule["gamma"]
         z = (x[:, None] * Wt).sum(0) + b
         Zp = xp[:, None] * (Wt + g * wp) + xn[:, None] * (Wt + g * wn)
         Zn = xp[:, None] * (Wt + g * wn) + xn[:, None] * (Wt + g * wp)
-        P = Zp.sum(0) + b + g * bp
-        N = Zn.sum(0) + b + g * bn
-        Rp = np.where(z > 0, R, 0.0)
-        Rn = np.where(z < 0, R, 0.0)
-        return (Zp / stab(P, eps)[None] * Rp[None]).sum(1) + \
-            (Zn / stab(N, eps)[None] * Rn[None]).sum(1)
-    if name == "flat":
-        conn = (W != 0).T.astype(float)  # inputs connected to each output
-        return (conn / stab(conn.sum(0), eps)[None] * R[None]).sum(1)
+        P = Zp.sum(0) + ((b + g * bp) if keep else 0.0)
+        N = Zn.sum(0) + ((b + g * bn) if keep else 0.0)
+        sp = np.where(z > 0, R, 0.0) / stab(P, eps)
+        sn = np.where(z < 0, R, 0.0) / stab(N, eps)
+        return (Zp * sp[None]).sum(1) + (Zn * sn[None]).sum(1) + \
+            shares((b + g * bp) * sp + (b + g * bn) * sn)
+    if name == "flat":  # every weight 1, no bias: spread over the connected inputs
+        return (C / stab(n, eps)[None] * R[None]).sum(1)
     if name == "wsquare":
         W2 = Wt**2
-        return (W2 / stab(W2.sum(0) + b**2, eps)[None] * R[None]).sum(1)
+        s = R / stab(W2.sum(0) + (b**2 if keep else 0.0), eps)
+        return (W2 * s[None]).sum(1) + shares(b**2 * s)
     if name == "zbox":
         lo = np.broadcast_to(rule["low"], x.shape)
         hi = np.broadcast_to(rule["high"], x.shape)
@@ -116,8 +137,33 @@ def propagate(layers_fn, x: np.ndarray, target: int, rules: list[dict],
             rule = {"name": "lrp0"}  # winner takes all: W selects the winners
         else:
             rule = assigned[i]
-        R = rule_relevance(rule, a, layer.W, layer.b, R)
+        R = rule_relevance(rule, a, layer.W, layer.b, R, layer.conn)
     return R
+
+
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv_transpose_layer(module: torch.nn.Module, in_shape: tuple[int, ...],
+                         after=None) -> Layer:
+    """A ConvTranspose{1,2,3}d as an explicit matrix, probed through F.conv_transpose
+    with the module's settings; `after` (a BatchNorm, say) is applied to its output.
+    `conn` probes the same map with every weight 1 and no bias."""
+    fn = _CONV_T[len(in_shape) - 1]
+    m = module
+    w = m.weight.detach().double()
+    b = None if m.bias is None else m.bias.detach().double()
+
+    def apply(weight, bias, then=None):
+        def run(v):
+            z = fn(v, weight, bias, m.stride, m.padding, m.output_padding, m.groups,
+                   m.dilation)
+            return z if then is None else then(z)
+        return run
+
+    W, bias = affine_from(apply(w, b, after), in_shape)
+    conn, _ = affine_from(apply(torch.ones_like(w), None), in_shape)
+    return Layer("affine", W, bias, conn=conn)
 
 
 def maxpool_layer(x_chw: torch.Tensor, k: int) -> Layer:

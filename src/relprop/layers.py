@@ -1,11 +1,11 @@
 """Linear-like layers as rules see them: a forward map, its transpose, its weights.
 
 Every layer a rule can act on is z = W x + b for some linear map W: a dense
-layer, a convolution, or a per-channel affine map (BatchNorm that could not be
-folded). A `Kernel` knows how to apply W (with any modified weight) and its
-transpose; `LayerWeights` holds the detached weight and bias together with the
-modified copies rules ask for, computed once and reused while the parameters
-do not change.
+layer, a convolution, a transposed convolution, or a per-channel affine map
+(BatchNorm that could not be folded). A `Kernel` knows how to apply W (with any
+modified weight) and its transpose; `LayerWeights` holds the detached weight and
+bias together with the modified copies rules ask for, computed once and reused
+while the parameters do not change.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class Kernel(Protocol):
 
     def scale_outputs(self, w: Tensor, scale: Tensor) -> Tensor: ...
 
+    def out_channels(self, w: Tensor) -> int: ...
+
 
 @dataclass(frozen=True)
 class LinearKernel:
@@ -49,6 +51,10 @@ class LinearKernel:
 
     def scale_outputs(self, w: Tensor, scale: Tensor) -> Tensor:
         return w * scale[:, None]
+
+    def out_channels(self, w: Tensor) -> int:
+        """Length of the bias (a bias-free layer's stand-in zeros need it)."""
+        return w.shape[0]
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -88,6 +94,55 @@ class ConvKernel:
     def scale_outputs(self, w: Tensor, scale: Tensor) -> Tensor:
         return w * scale.view(-1, *([1] * (w.dim() - 1)))
 
+    def out_channels(self, w: Tensor) -> int:
+        return w.shape[0]
+
+
+@dataclass(frozen=True)
+class ConvTransposeKernel:
+    """N-d transposed convolution (stride, padding, output_padding, groups, dilation).
+
+    The weight keeps PyTorch's layout (in, out/groups, k...), so W^T is the ordinary
+    convolution with that very weight (same stride, padding, dilation, groups): for
+    a (in, out/g, k...) tensor, conv reads it as (out_conv, in_conv/g, k...).
+    """
+
+    ndim: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    kind: str = "conv"  # composites treat it as a convolution
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return _CONV_T[self.ndim](x, w, b, self.stride, self.padding, self.output_padding,
+                                  self.groups, self.dilation)
+
+    def transpose(self, s: Tensor, w: Tensor, x: Tensor | torch.Size) -> Tensor:
+        # The convolution's output may be longer than x where output_padding >= stride
+        # (allowed when dilation > output_padding): those extra positions correspond to
+        # no input, so W^T is their crop.
+        size = x.shape if isinstance(x, Tensor) else x
+        out = _CONV[self.ndim](s, w, None, self.stride, self.padding, self.dilation,
+                               self.groups)
+        for d in range(self.ndim):
+            if out.shape[2 + d] != size[2 + d]:
+                out = out.narrow(2 + d, 0, size[2 + d])
+        return out
+
+    def bias_like(self, b: Tensor, z: Tensor) -> Tensor:
+        return b.view(-1, *([1] * self.ndim))
+
+    def scale_outputs(self, w: Tensor, scale: Tensor) -> Tensor:
+        # Output channel of w[i, j] is (group of i) * out/groups + j.
+        g = self.groups
+        grouped = w.reshape(g, w.shape[0] // g, *w.shape[1:])
+        return (grouped * scale.view(g, 1, -1, *([1] * self.ndim))).reshape(w.shape)
+
+    def out_channels(self, w: Tensor) -> int:
+        return w.shape[1] * self.groups  # not w.shape[0]: that is the input channels
+
 
 @dataclass(frozen=True)
 class AffineKernel:
@@ -113,6 +168,9 @@ class AffineKernel:
 
     def scale_outputs(self, w: Tensor, scale: Tensor) -> Tensor:
         return w * scale
+
+    def out_channels(self, w: Tensor) -> int:
+        return w.shape[0]
 
 
 def fold_batchnorm(

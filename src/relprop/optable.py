@@ -7,7 +7,8 @@ and `torch.relu`, `nn.Conv2d` and `F.conv2d` are one and the same node and get
 the same relevance.
 
 Families:
-- LAYER: linear-like with weights (dense, convolution); the composite picks its rule.
+- LAYER: linear-like with weights (dense, convolution, transposed convolution); the
+  composite picks its rule.
 - BATCHNORM: eval-mode BatchNorm; folded into the preceding layer or kept as affine.
 - GRADIENT: the plain gradient is the rule: relevance moves with values
   (reshape, cat, indexing, max pooling = winner takes all), ReLU (identity
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import UnsupportedOperationError
-from .layers import ConvKernel, Kernel, LinearKernel
+from .layers import ConvKernel, ConvTransposeKernel, Kernel, LinearKernel
 from .registry import function_family, module_family
 
 
@@ -164,6 +165,10 @@ def _ntuple(v: Any, n: int) -> tuple[int, ...]:
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T_MODULES = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+_CONV_T_FUNCTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+_CONV_T_TYPES = {nd: cls for cls, nd in _CONV_T_MODULES.items()}
+_CONV_T_BY_NDIM = {nd: fn for fn, nd in _CONV_T_FUNCTIONS.items()}
 
 
 def _params(graph: fx.Graph, node: fx.Node, path: str, *names: str) -> list[fx.Node | None]:
@@ -252,6 +257,9 @@ def _module_as_function(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str,
             pad = m.padding if not isinstance(m.padding, str) else _conv_padding(
                 m.padding, nd, m.weight.shape, m.dilation, node_location(node))
             return _CONV_FUNCTIONS_BY_NDIM[nd], (x, w, b, m.stride, pad, m.dilation, m.groups), {}
+    for cls, nd in _CONV_T_MODULES.items():
+        if isinstance(m, cls):
+            return _conv_transpose_call(graph, node, m, path, x, nd)
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         if not m.track_running_stats or m.running_mean is None:
             raise UnsupportedOperationError(
@@ -302,6 +310,29 @@ def _module_as_function(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str,
 
 
 _CONV_FUNCTIONS_BY_NDIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_transpose_call(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str, x: Any,
+                         nd: int) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """nn.ConvTranspose{nd}d as F.conv_transpose{nd}d with the module's settings.
+
+    `output_size=` picks output_padding from the input's shape at run time; the
+    functional form has no such argument, so it is refused rather than guessed.
+    """
+    output_size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    if output_size is not None:
+        raise UnsupportedOperationError(
+            f"output_size= at {node_location(node)}: relprop needs a fixed output_padding; "
+            "set output_padding on the module instead")
+    if m.padding_mode != "zeros":
+        raise UnsupportedOperationError(
+            f"padding_mode={m.padding_mode!r} at {node_location(node)}: only zero padding "
+            "has a rule")
+    w, = _params(graph, node, path, "weight")
+    b = _params(graph, node, path, "bias")[0] if m.bias is not None else None
+    return _CONV_T_BY_NDIM[nd], (x, w, b, m.stride, m.padding, m.output_padding, m.groups,
+                                 m.dilation), {}
+
 
 _SIMPLE_MODULES: dict[type, tuple[Callable, tuple[str, ...]]] = {
     nn.ReLU: (F.relu, ()),
@@ -417,6 +448,8 @@ def _sig(src: Callable) -> inspect.Signature:
 
 def _linear_sig(input, weight, bias=None): ...  # noqa: ANN001, E704
 def _conv_sig(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...  # noqa
+def _conv_t_sig(input, weight, bias=None, stride=1, padding=0, output_padding=0,  # noqa
+                groups=1, dilation=1): ...
 def _bn_sig(input, running_mean, running_var, weight=None, bias=None, training=False,  # noqa
             momentum=0.1, eps=1e-5): ...
 
@@ -424,6 +457,7 @@ def _bn_sig(input, running_mean, running_var, weight=None, bias=None, training=F
 _REFERENCE_SIGNATURES = {
     F.linear: _sig(_linear_sig),
     **{f: _sig(_conv_sig) for f in _CONV_FUNCTIONS},
+    **{f: _sig(_conv_t_sig) for f in _CONV_T_FUNCTIONS},
     F.batch_norm: _sig(_bn_sig),
 }
 
@@ -450,10 +484,16 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
             return OpSpec(Kind.RECURRENT, label, path, module=fn._opname,
                           layer_type=nn.LSTMCell if fn._opname == "lstm_cell" else nn.GRUCell)
         fn = _aten_as_function(node)
-    if fn in _CONV_FUNCTIONS or fn is F.linear:
+    if fn in _CONV_FUNCTIONS or fn in _CONV_T_FUNCTIONS or fn is F.linear:
         a = _bind(fn, node.args, node.kwargs)
-        if fn is F.linear:
-            kernel: Kernel = LinearKernel()
+        if fn in _CONV_T_FUNCTIONS:
+            nd = _CONV_T_FUNCTIONS[fn]
+            kernel: Kernel = ConvTransposeKernel(
+                nd, _ntuple(a["stride"], nd), _ntuple(a["padding"], nd),
+                _ntuple(a["output_padding"], nd), _ntuple(a["dilation"], nd), int(a["groups"]))
+            layer_type = node.meta.get("relprop_module_type", _CONV_T_TYPES[nd])
+        elif fn is F.linear:
+            kernel = LinearKernel()
             layer_type = node.meta.get("relprop_module_type", nn.Linear)
         else:
             nd = _CONV_FUNCTIONS[fn]
@@ -512,6 +552,8 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
 # ATen ops (graphs from torch.export) that mean the same as a torch function handled above.
 _ATEN_SAME = {
     "linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d,
+    "conv_transpose1d": F.conv_transpose1d, "conv_transpose2d": F.conv_transpose2d,
+    "conv_transpose3d": F.conv_transpose3d,
     "relu": torch.relu, "relu_": torch.relu, "leaky_relu": F.leaky_relu, "elu": F.elu,
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "softmax": torch.softmax,
     "_softmax": torch.softmax, "add": torch.add, "sub": torch.sub, "mul": torch.mul,
@@ -544,7 +586,8 @@ def _aten_as_function(node: fx.Node) -> Callable[..., Any]:
         return F.batch_norm
     if name in _ATEN_SAME:
         same = _ATEN_SAME[name]
-        if same in _CONV_FUNCTIONS or same is F.linear or same is F.dropout:
+        if same in _CONV_FUNCTIONS or same in _CONV_T_FUNCTIONS or same is F.linear or \
+                same is F.dropout:
             return same
         node.meta.setdefault("relprop_label", f"aten.{name}")
         return _ATEN_KINDS.setdefault(op, _aten_alias(op, same))
