@@ -1,6 +1,7 @@
 """relprop: Layer-wise Relevance Propagation for any PyTorch model, in one backward pass."""
 
 from .composites import PRESETS, Composite, LayerInfo, make_composite
+from .dataset import explain_dataset, load_explanations
 from .errors import (
     CompositeError,
     InputError,
@@ -19,7 +20,8 @@ __all__ = [
     "PRESETS", "Composite", "LayerInfo", "make_composite",
     "CompositeError", "InputError", "RelpropError", "TargetError", "TraceError",
     "UnsupportedOperationError",
-    "Explainer", "Explanation", "explain", "Ledger", "LedgerEntry",
+    "Explainer", "Explanation", "explain", "explain_dataset", "load_explanations",
+    "Ledger", "LedgerEntry",
     "register_function", "register_module", "RecurrentRule",
     "LRP0", "AlphaBeta", "Epsilon", "Flat", "Gamma", "Rule", "WSquare", "ZBox", "ZPlus",
 ]

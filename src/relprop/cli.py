@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--n", type=int, default=500, help="test digits to use (default 500)")
     ev.add_argument("--patch", type=int, default=4, help="region side in pixels (default 4)")
     ev.add_argument("--out", type=Path, default=Path("relprop-out"), help="output folder")
+    from .dataset.cli import add_parser as add_explain_dataset
+
+    add_explain_dataset(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             from .explain_cli import run_explain
 
             run_explain(args)
+        elif args.command == "explain-dataset":
+            from .dataset.cli import run as run_explain_dataset
+
+            run_explain_dataset(args)
     except RelpropError as exc:
         print(f"relprop: error: {exc}", file=sys.stderr)
         return 2

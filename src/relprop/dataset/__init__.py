@@ -1,0 +1,16 @@
+"""Explain a whole dataset: sharded, resumable, one process or many (torchrun).
+
+explain_dataset writes safetensors shards and a manifest; load_explanations reads them
+back lazily. Modules: store (what is kept), shards (atomic files), manifest (run identity),
+distributed (the split by rank), images (folders as datasets), run, reader, cli.
+"""
+
+from __future__ import annotations
+
+from .images import ImageFiles
+from .reader import Explanations, load_explanations
+from .run import RunSummary, explain_dataset
+from .store import Store
+
+__all__ = ["ImageFiles", "Explanations", "load_explanations", "RunSummary", "explain_dataset",
+           "Store"]
