@@ -1,9 +1,14 @@
-"""A tiny seeded CNN for the explain-dataset tests (importable by torchrun's processes)."""
+"""A tiny seeded CNN and a dataset that counts reads, for the explain-dataset tests
+(importable by the subprocesses and torchrun's ranks)."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
+
+from relprop.dataset import ImageFiles
 
 
 def tiny_cnn() -> nn.Module:
@@ -17,3 +22,18 @@ def tiny_cnn() -> nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return model.eval()
+
+
+class CountingFiles(ImageFiles):
+    """ImageFiles that notes which samples were read (and may read them slowly)."""
+
+    def __init__(self, root, size: int = 16, delay: float = 0.0) -> None:
+        super().__init__(root, size=size)
+        self.delay = delay
+        self.seen: list[int] = []
+
+    def __getitem__(self, i: int):
+        self.seen.append(i)
+        if self.delay:
+            time.sleep(self.delay)
+        return super().__getitem__(i)

@@ -67,7 +67,8 @@ def run(args: Namespace) -> None:
         dtype=args.dtype, device=args.device, progress=not args.quiet, model_name=args.model,
         low=low, high=high)
     if summary.manifest is not None:
-        print(f"explained {summary.samples_written} images ("
+        who = f"rank 0 of {summary.world_size} " if summary.world_size > 1 else ""
+        print(f"{who}explained {summary.samples_written} images ("
               f"{len(summary.shards_written)} shards written, {len(summary.shards_skipped)} "
               f"found finished) in {summary.seconds:.1f} s; manifest: {summary.manifest}",
               file=sys.stderr)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..composites import Composite
 from ..errors import RelpropError
 from ..explain import Explainer
+from . import shards
 from .distributed import Group, join_group, pick_device
 from .images import Indexed, class_names, sample_paths
 from .manifest import (
@@ -60,7 +61,8 @@ class RunSummary:
     shards_skipped: list[int] = field(default_factory=list)
     samples_written: int = 0
     seconds: float = 0.0
-    manifest: Path | None = None
+    manifest: Path | None = None  # on rank 0
+    world_size: int = 1
 
 
 def explain_dataset(model: nn.Module, dataset: Dataset, out_dir: str | Path,
@@ -149,7 +151,7 @@ class _Job:
             write_run(out, config)
         group.barrier()
 
-        summary = RunSummary(out)
+        summary = RunSummary(out, world_size=group.world)
         rows: list[dict[str, Any]] = []
         todo: list[int] = []
         n_shards = math.ceil(n / self.shard_size)
@@ -293,7 +295,8 @@ def _prepare_folder(out: Path) -> None:
         raise RelpropError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
     probe = out / f".write-probe.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
-        probe.write_bytes(b"relprop")
+        with open(probe, "wb") as fh:
+            shards.write_through(fh, b"relprop")
     except OSError as exc:
         probe.unlink(missing_ok=True)
         raise RelpropError(describe_os_error(exc, out)) from exc

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 from torch import Tensor
 
@@ -45,14 +46,19 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            write_through(fh, data)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise RelpropError(describe_os_error(exc, path)) from exc
     _fsync_dir(path.parent)
+
+
+def write_through(fh: BinaryIO, data: bytes) -> None:
+    """Into the file and onto the disk (a full disk shows up here, as ENOSPC)."""
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -109,13 +115,20 @@ class ShardWriter:
         self._futures: list[Future] = []
         self._pending = pending
         self._on_written = on_written
+        self._failed = False
 
     def submit(self, k: int, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
         self._check(block=len(self._futures) >= self._pending)
         self._futures.append(self._pool.submit(self._write, k, tensors, metadata))
 
     def _write(self, k: int, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-        write_atomic(self.folder / shard_name(k), encode_shard(tensors, metadata))
+        if self._failed:  # after a full disk, later shards are not attempted
+            raise RelpropError(f"shard {k} not written: an earlier shard failed")
+        try:
+            write_atomic(self.folder / shard_name(k), encode_shard(tensors, metadata))
+        except BaseException:
+            self._failed = True
+            raise
         if self._on_written is not None:
             self._on_written(k)
 
