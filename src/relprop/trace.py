@@ -4,38 +4,111 @@ torch.fx's symbolic tracer is tried first: it needs no example input and keeps
 module paths. Models with data-dependent Python control flow cannot be traced
 symbolically; for those, `torch.export` is tried with an example input. Both
 produce a `torch.fx.Graph` whose nodes the rest of relprop reads.
+
+Both tracers patch process-wide state while they run (fx: `nn.Module.__call__`,
+`nn.Module.__getattr__`, `math` functions and `@torch.fx.wrap` functions in
+module globals; export: the same through make_fx, plus `builtins.max/min` and
+`math.pow`). Two traces at once corrupt each other and can leave the patches in
+place for good, so every trace holds `TRACE_LOCK`. Other threads still see an
+fx trace's patches; relprop's tracer answers their calls as if unpatched (see
+`_Tracer`), so plain torch code and relprop programs elsewhere are unaffected.
+torch.export's patches cannot be answered that way, and it also switches
+mkldnn/nnpack/cudnn off process-wide while it traces: code running in other
+threads during an export fallback sees that (convolutions may differ in the
+last bits).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .errors import TraceError
 from .registry import module_family
 
+# One trace at a time in the process (fx and export): their patches are global.
+TRACE_LOCK = threading.RLock()
+
 
 class _Tracer(fx.Tracer):
-    """The stock tracer, with code locations recorded and user-chosen leaf modules."""
+    """The stock tracer, with code locations recorded and user-chosen leaf modules.
+
+    While it traces, fx routes every thread's module calls and module attribute
+    reads through it (the patches are class attributes). Calls from threads other
+    than the tracing one are answered as the unpatched torch would answer them and
+    never touch this trace's graph or patcher.
+    """
 
     def __init__(self, leaves: dict[str, str]) -> None:
+        self._owner: int | None = threading.get_ident()  # the thread that builds and traces
         super().__init__()
         self.record_stack_traces = True
         self.leaves = leaves
 
+    @property
+    def _autowrap_function_ids(self) -> set[int]:  # type: ignore[override]
+        # fx's patched __call__ autowraps math functions in the caller's module globals
+        # on this trace's patcher: from another thread that could outlive the trace.
+        return self._wrap_ids if self._tracing_here() else set()
+
+    @_autowrap_function_ids.setter
+    def _autowrap_function_ids(self, ids: set[int]) -> None:
+        self._wrap_ids = ids
+
+    def _tracing_here(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        # Visit the globals of every submodule's forward up front: a visit from another
+        # thread (which wraps nothing, see above) would otherwise mark them as done.
+        base = self._autowrap_search
+        self._autowrap_search = [*base, *_forward_modules(root)]
+        self._owner = threading.get_ident()
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            self._owner = None
+            self._autowrap_search = base
+
     def call_module(self, m: nn.Module, forward, args, kwargs):  # noqa: ANN001, ANN201
+        if not self._tracing_here():
+            return forward(*args, **kwargs)  # the original Module.__call__
         # Trace through m.forward, not m.__call__: the user's hooks must not fire
         # (they would see Proxies, and relprop promises to leave hooks alone).
         return super().call_module(m, lambda *a, **k: m.forward(*a, **k), args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if not self._tracing_here():
+            return attr_val  # another thread reads a parameter: the tensor, not a Proxy
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_family(m, module_qualified_name, self.leaves) is not None:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def _forward_modules(root: Any) -> list[ModuleType]:
+    """Python modules whose globals hold the forward of some module in root's tree."""
+    if not isinstance(root, nn.Module):
+        return []
+    found: dict[int, ModuleType] = {}
+    for m in root.modules():
+        fn = inspect.unwrap(type(m).forward)
+        mod = sys.modules.get(getattr(fn, "__module__", None) or "")
+        if mod is not None and getattr(fn, "__globals__", None) is mod.__dict__:
+            found.setdefault(id(mod), mod)
+    return list(found.values())
 
 
 @dataclass
@@ -53,17 +126,95 @@ class TracedModel:
     leaves: dict[str, str] = field(default_factory=dict)  # module path -> rule family
 
 
-def trace_fx(model: nn.Module, leaves: dict[str, str] | None = None) -> TracedModel:
-    """Trace symbolically; raises TraceError with the tracer's reason on failure."""
+def trace_fx(model: nn.Module, leaves: dict[str, str] | None = None,
+             inputs: int = 1) -> TracedModel:
+    """Trace symbolically; raises TraceError with the tracer's reason on failure.
+
+    `inputs` positional arguments become graph inputs. Parameters past them that
+    have a default are traced with that default, as the model runs when they are
+    left out (`if mask is not None:` takes the default branch).
+    """
+    concrete = _defaults(model, inputs)
     tracer = _Tracer(leaves or {})
     try:
-        with _eval_mode(model):
-            graph = tracer.trace(model)
+        with TRACE_LOCK, _eval_mode(model):
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        _drop_specialised(graph, model, concrete)
     except Exception as exc:  # fx raises many kinds of errors for untraceable code
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
         ) from exc
     return TracedModel(graph=graph, root=model, method="fx", leaves=leaves or {})
+
+
+_CONSTANT_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device,
+                   torch.layout, torch.memory_format)
+
+
+def _parameters(model: nn.Module) -> list[inspect.Parameter]:
+    """forward's parameters without `self`, as fx sees them (decorators unwrapped)."""
+    try:
+        sig = inspect.signature(inspect.unwrap(type(model).forward))
+    except (TypeError, ValueError):
+        return []
+    return list(sig.parameters.values())[1:]
+
+
+def _defaults(model: nn.Module, inputs: int) -> dict[str, Any]:
+    """fx concrete_args: parameters with a plain-value default not among the first `inputs`.
+
+    Tensor (or other object) defaults stay graph inputs: as a constant, fx would store a
+    tensor on the user's model.
+    """
+    out: dict[str, Any] = {}
+    position = 0
+    for p in _parameters(model):
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            position += 1
+            if position <= inputs:
+                continue
+        elif p.kind is not p.KEYWORD_ONLY:
+            continue  # *args, **kwargs
+        if p.default is not p.empty and _plain(p.default):
+            out[p.name] = p.default
+    return out
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, tuple | list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _CONSTANT_TYPES)
+
+
+def _drop_specialised(graph: fx.Graph, model: nn.Module, concrete: dict[str, Any]) -> None:
+    """Remove what fx records for concrete_args: a placeholder per value and its asserts.
+
+    relprop feeds placeholders from the inputs given and has no rule for the
+    `_assert_is_none` / `eq` + `_assert` checks; the graph never uses the values.
+    """
+    if not concrete:
+        return
+    inputs = {p.name for p in _parameters(model) if p.name not in concrete}
+    start = [n for n in graph.nodes if n.op == "placeholder"
+             and str(n.target).lstrip("*") not in inputs]
+    doomed: set[fx.Node] = set()
+    while start:
+        node = start.pop()
+        if node not in doomed:
+            doomed.add(node)
+            start.extend(node.users)
+    if any(n.op == "output" for n in doomed):
+        raise RuntimeError("the output depends on a specialised default argument")
+    for node in reversed(list(graph.nodes)):
+        if node in doomed:
+            graph.erase_node(node)
+    codegen = graph._codegen
+    if isinstance(codegen, fx.graph._PyTreeCodeGen):
+        # A tuple/list default makes fx flatten the signature and the output into lists;
+        # give the output node the model's own structure back (relprop reads it).
+        out = next(n for n in reversed(graph.nodes) if n.op == "output")
+        out.args = (pytree.tree_unflatten(list(out.args[0]), codegen.pytree_info.out_spec),)
+        graph.set_codegen(fx.graph.CodeGen())
 
 
 @contextlib.contextmanager
@@ -85,9 +236,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...]) -> TracedModel:
     """Trace with torch.export on an example input (for data-dependent Python code)."""
     try:
-        with _eval_mode(model):
+        with TRACE_LOCK, _eval_mode(model):
             exported = torch.export.export(model, example, strict=False)
-        module = exported.module()
+            module = exported.module()
     except Exception as exc:
         raise TraceError(
             f"neither torch.fx nor torch.export could trace {type(model).__name__}: "
@@ -97,8 +248,15 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...]) -> TracedM
 
 
 def attribute(root: nn.Module, target: str) -> torch.Tensor:
-    """Fetch a dotted attribute (a parameter or buffer) from a module tree."""
-    obj = root
+    """Fetch a dotted attribute (a parameter or buffer) from a module tree.
+
+    Reads modules' parameter/buffer/child tables directly rather than through
+    `nn.Module.__getattr__`, which a trace in another thread may have patched.
+    """
+    obj: Any = root
     for part in target.split("."):
-        obj = getattr(obj, part)
+        tables = (obj.__dict__.get(t) for t in ("_parameters", "_buffers", "_modules")) \
+            if isinstance(obj, nn.Module) else ()
+        table = next((t for t in tables if t is not None and part in t), None)
+        obj = table[part] if table is not None else getattr(obj, part)
     return obj
