@@ -16,7 +16,6 @@ from reference_lrp import Layer, affine_from, conv_transpose_layer, propagate
 from torch import nn
 
 import relprop
-from relprop.errors import InputError
 
 LOW, HIGH = -3.0, 3.0
 CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -105,21 +104,11 @@ def rules_for(composite: str, bias: str, n: int) -> list[dict]:
 
 BIASED = ["lrp0", "epsilon", "gamma", "zplus", "alpha_beta", "wsquare"]  # rules with bias=
 MIXED = ["epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1"]
-# Gamma with bias="distribute" on a layer followed by a ReLU: the bias shares that reach
-# z <= 0 from the layer above are taken through gamma's positive-side shortcut
-# (BoundLayer.positive_only). Not specific to transposed convolutions: Linear layers
-# disagree with the reference the same way.
-_GAMMA_DISTRIBUTE = pytest.mark.xfail(strict=False, reason=(
-    "rules.Gamma: positive_only shortcut ignores distributed bias shares at z <= 0 "
-    "(same on Linear)"))
-
-
 def _cases() -> list:
     cases = []
     for nd in NETS:
         for c in BIASED:
-            cases += [pytest.param(nd, c, b, marks=_GAMMA_DISTRIBUTE if (
-                c == "gamma" and b == "distribute") else ()) for b in ("ignore", "distribute")]
+            cases += [pytest.param(nd, c, b) for b in ("ignore", "distribute")]
         for c in [*BIASED, *MIXED, "flat", "zbox"]:
             cases.append(pytest.param(nd, c, "absorb"))
     return cases
@@ -172,9 +161,6 @@ def test_fast_path_equals_general_path(nd: str, composite: str) -> None:
     _fast_equals_general(model, x, composite)
 
 
-@pytest.mark.xfail(strict=True, raises=InputError, reason=(
-    "relprop/fused.py _shifted sizes a bias-free layer's stand-in bias as w.shape[0], the "
-    "input channels of a transposed convolution; it should use layer.kernel.out_channels(w)"))
 @pytest.mark.parametrize("composite", ["gamma", "zplus"])
 def test_fast_path_without_bias(composite: str) -> None:
     model, x = make("2d", bias=False)

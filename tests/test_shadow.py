@@ -154,3 +154,23 @@ def test_sum_of_zeros_splits_the_arriving_relevance_equally() -> None:
     # each branch gets 1 at its pre-activation -1.5, which the epsilon rule hands on
     # in proportion to x_i w_i / z: branch a: [2/3, 1/3]; branch b: [4/3, -1/3]
     torch.testing.assert_close(expl.relevance, torch.tensor([[2.0, 0.0]], dtype=torch.float64))
+
+
+def test_bias_ignore_books_a_unit_with_all_zero_inputs_as_stabiliser() -> None:
+    """z = b when every input is 0: with the bias left out of the denominator the unit has
+    nowhere to send its relevance; the ledger books it at that layer's stabiliser."""
+    first = nn.Linear(2, 2)
+    second = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        first.bias.copy_(torch.tensor([0.5, 2.0]))
+        second.weight.fill_(1.0)
+    model = nn.Sequential(first, nn.ReLU(), second).double().eval()
+    x = torch.tensor([[3.0, 0.0]], dtype=torch.float64)  # unit 2 sees only a zero input
+    expl = relprop.explain(model, x, target=0, composite="epsilon", bias="ignore",
+                           record=True, **TINY)
+    entry = expl.ledger["0"]
+    # unit 1 (z = 3.5) hands its 3.5 on; unit 2 (z = b = 2) keeps its 2 in the stabiliser
+    torch.testing.assert_close(expl.relevance.sum(), torch.tensor(3.5, dtype=torch.float64))
+    torch.testing.assert_close(entry.stabiliser, torch.tensor([2.0], dtype=torch.float64))
+    assert entry.bias.abs().max() == 0

@@ -176,12 +176,12 @@ def _uniform(rule: Rule, name: str, stabilizer: float, top_k: float | None,
 
 
 def _bounds(name: str, low: float | Tensor | None, high: float | Tensor | None,
-            bias: str) -> ZBox:
+            bias: str, guard: float = 1e-6) -> ZBox:
     if low is None or high is None:
         raise CompositeError(
             f"composite {name!r} uses the z-box rule and needs low= and high=, the smallest and "
             "largest value an input can take (e.g. the normalised pixel range)")
-    return ZBox(low=low, high=high, bias=bias)
+    return ZBox(low=low, high=high, bias=bias, epsilon=guard)
 
 
 PRESETS = (
@@ -229,8 +229,9 @@ def make_composite(
       gives it 1e-30, LRP-0's guard against 0/0). LRP-0 layers stay at 0 by
       definition. The stabilisers inside the gamma, alpha-beta, flat, w-square
       and z-box rules are numerical guards (Zennit's `stabilizer`, 1e-6), not
-      this epsilon (an epsilon of 0.25 there would change those rules), and
-      are left alone.
+      a rule parameter (an epsilon of 0.25 there would change those rules):
+      they follow a given epsilon only downwards, min(1e-6, epsilon), like
+      the sums' stabiliser, so a tiny epsilon is tiny everywhere.
     - `bias=` goes to every rule, the recurrent one included.
     - `stabilizer=` is the epsilon of sums and average pooling: 1e-6 (0 for
       `lrp0`) unless given; when not given but a smaller `epsilon=` is, it
@@ -273,11 +274,13 @@ def make_composite(
         RecurrentRule(epsilon=epsilon or TINY, bias=bias)
     if stabilizer is None:
         stabilizer = DEFAULT_STABILIZER if epsilon is None else min(DEFAULT_STABILIZER, epsilon)
-    gam = Gamma(gamma=gamma, bias=bias)
-    zplus = ZPlus(bias=bias)
-    ab = AlphaBeta(alpha=alpha, beta=beta, bias=bias)
-    ab21 = AlphaBeta(alpha=2.0, beta=1.0, bias=bias)
-    flat = Flat(bias=bias)
+    guard = DEFAULT_STABILIZER if epsilon is None else max(min(DEFAULT_STABILIZER, epsilon),
+                                                            TINY)
+    gam = Gamma(gamma=gamma, bias=bias, epsilon=guard)
+    zplus = ZPlus(bias=bias, epsilon=guard)
+    ab = AlphaBeta(alpha=alpha, beta=beta, bias=bias, epsilon=guard)
+    ab21 = AlphaBeta(alpha=2.0, beta=1.0, bias=bias, epsilon=guard)
+    flat = Flat(bias=bias, epsilon=guard)
     linear = {nn.Linear: eps, "linear": eps, "affine": eps}
 
     def mixed(conv: Rule, first: Rule | None = None) -> Composite:
@@ -288,13 +291,13 @@ def make_composite(
         sums = 0.0 if "stabilizer" not in given else stabilizer  # LRP-0: plain gradient
         return _uniform(LRP0(bias=bias), name, sums, top_k, recurrent)
     simple = {"epsilon": eps, "gamma": gam, "zplus": zplus, "alpha_beta": ab,
-              "flat": flat, "wsquare": WSquare(bias=bias)}
+              "flat": flat, "wsquare": WSquare(bias=bias, epsilon=guard)}
     if name in simple:
         return _uniform(simple[name], name, stabilizer, top_k, recurrent)
     if name == "zbox":
-        return _uniform(_bounds(name, low, high, bias), name, stabilizer, top_k, recurrent)
+        return _uniform(_bounds(name, low, high, bias, guard), name, stabilizer, top_k, recurrent)
     if name == "epsilon_gamma_box":
-        return mixed(gam, _bounds(name, low, high, bias))
+        return mixed(gam, _bounds(name, low, high, bias, guard))
     if name == "epsilon_plus":
         return mixed(zplus)
     if name == "epsilon_plus_flat":
@@ -304,9 +307,9 @@ def make_composite(
     if name == "epsilon_alpha2_beta1_flat":
         return mixed(ab21, flat)
     if name == "layer_position":
-        return LayerPosition(first=_bounds(name, low, high, bias), gamma_rule=gam, epsilon_rule=eps,
-                             last=LRP0(bias=bias), stabilizer=stabilizer, top_k=top_k,
-                             name=name, recurrent=recurrent)
+        return LayerPosition(first=_bounds(name, low, high, bias, guard), gamma_rule=gam,
+                             epsilon_rule=eps, last=LRP0(bias=bias), stabilizer=stabilizer,
+                             top_k=top_k, name=name, recurrent=recurrent)
     raise CompositeError(f"unknown composite {name!r}; presets: {', '.join(PRESETS)}")
 
 

@@ -73,7 +73,7 @@ def _shifted(layer: BoundLayer, x: Tensor, mod: str, eps: float, gamma: float = 
     if key not in cache:
         b = layer.weights.bias(mod, gamma)
         w = layer.weights.weight(mod, gamma)
-        out_features = w.shape[0]
+        out_features = layer.kernel.out_channels(w)
         base = torch.zeros(out_features, dtype=w.dtype, device=w.device) if b is None else b
         cache[key] = base + eps
     return layer.kernel.forward(x, layer.weights.weight(mod, gamma), cache[key])

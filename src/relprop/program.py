@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .canonize import canonize, mark_nonneg, positive_only, spec
@@ -231,6 +232,11 @@ class Program:
         for node, step in zip(nodes, steps, strict=True):
             step.role = roles.get(node)
             step.shadow_out = node in wanted
+        for node, step in zip(nodes, steps, strict=True):
+            if step.kind is Kind.LAYER and any(steps[index[u]].producer or
+                                               steps[index[u]].shadow_out for u in node.users):
+                # a ReLU on the shadow channel hands relevance also to z <= 0 (R_z = R_a)
+                step.call.flags["positive_only"] = False
         _plan_fast_paths(steps, nodes, index, nonneg, composite)
         _plan_frees(steps, nodes, index)
         return cls(steps, traced, composite)
@@ -414,7 +420,11 @@ class Program:
             return out if port else (out, None)
         if r is Role.MOVE:
             value = step.call(*args, **kwargs)
-            return value, step.call(*on_shadows(step.args), **on_shadows(step.kwargs))
+            sh_args, sh_kwargs = on_shadows(step.args), on_shadows(step.kwargs)
+            if node.target is F.pad:  # padded positions hold no relevance, whatever the fill
+                sh_args, sh_kwargs = sh_args[:3], {k: v for k, v in sh_kwargs.items()
+                                                   if k != "value"}
+            return value, step.call(*sh_args, **sh_kwargs)
         if r is Role.SCALE:
             value = step.call(*args, **kwargs)
             src = next(a for a in _refs(step.args) if is_data(a))

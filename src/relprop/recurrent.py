@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CompositeError, UnsupportedOperationError
-from .rules import BIAS_MODES, EPSILON_WHY, Tally, check_nonnegative, safe_divide
+from .rules import BIAS_MODES, EPSILON_WHY, TINY, Tally, check_nonnegative, safe_divide
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def lrp_linear(inp: Tensor, weight_t_s: Tensor, share: Tensor | None) -> Tensor:
 def _denominator(z: Tensor, bias: Tensor | None, rule: RecurrentRule) -> tuple[Tensor, Tensor]:
     zz = z - bias if (bias is not None and rule.bias == "ignore") else z
     sign = _sign(zz)
-    return zz + rule.epsilon * sign, sign
+    return zz + (rule.epsilon or TINY) * sign, sign  # epsilon=0: LRP-0's guard against 0/0
 
 
 def _distributed(bias: Tensor | None, sign: Tensor, s: Tensor, rule: RecurrentRule,
