@@ -21,7 +21,7 @@ from .errors import InputError, RelpropError, TargetError, TraceError
 from .ledger import Ledger, build_ledger, per_sample
 from .program import Program, RunResult
 from .rules import stabilize
-from .trace import trace_export, trace_fx
+from .trace import TRACE_LOCK, trace_export, trace_fx
 
 Target = int | Sequence[int] | Tensor | None
 STARTS = ("value", "one", "softmax")
@@ -78,8 +78,6 @@ class Explainer:
         self._fx_error: TraceError | None = None
         self._leaves = leaves
         self._programs: dict[int, Program] = {}  # by input count, traced again for more inputs
-        from .trace import TRACE_LOCK
-
         traced = None
         # Under the lock: a trace in another thread puts this model in eval mode meanwhile.
         with TRACE_LOCK, preserved(model):
@@ -148,7 +146,10 @@ class Explainer:
         if batch_size is not None:
             return self._explain_chunked(inputs, target, output_relevance, start, record,
                                          batch_size, progress, single=isinstance(x, Tensor))
-        with preserved(self.model), torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
+            self._ensure_program(inputs)  # may trace (exclusive), so before the shared lock
+        with TRACE_LOCK.shared(), preserved(self.model), torch.inference_mode(False), \
+                torch.enable_grad():
             expl = self._explain(inputs, target, output_relevance, start, record)
         if isinstance(x, Tensor):
             expl.relevance = expl.relevance[0]

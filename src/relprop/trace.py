@@ -13,9 +13,10 @@ place for good, so every trace holds `TRACE_LOCK`. Other threads still see an
 fx trace's patches; relprop's tracer answers their calls as if unpatched (see
 `_Tracer`), so plain torch code and relprop programs elsewhere are unaffected.
 torch.export's patches cannot be answered that way, and it also switches
-mkldnn/nnpack/cudnn off process-wide while it traces: code running in other
-threads during an export fallback sees that (convolutions may differ in the
-last bits).
+mkldnn/nnpack/cudnn off process-wide while it traces: relprop's own
+explanations hold the lock's shared side, so none runs during a trace; plain
+torch code in other threads during an export fallback does see that
+(convolutions may differ in the last bits).
 """
 
 from __future__ import annotations
@@ -36,8 +37,43 @@ from torch import fx, nn
 from .errors import TraceError
 from .registry import module_family
 
-# One trace at a time in the process (fx and export): their patches are global.
-TRACE_LOCK = threading.RLock()
+
+class _TraceLock:
+    """Traces exclusive (their patches are global), explanations shared.
+
+    `with TRACE_LOCK:` traces (re-entrant in one thread); `with TRACE_LOCK.shared():`
+    explains: it waits for a trace in progress to finish, and a trace waits for the
+    explanations running to finish, so no explanation ever runs under a trace's
+    patches (torch.export's cannot be hidden from other threads). Readers go first:
+    nested explanations in one thread never wait on a queued trace.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.RLock())
+        self._readers = 0
+
+    def __enter__(self) -> None:
+        self._cond.acquire()
+        while self._readers:
+            self._cond.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self._cond.release()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+
+TRACE_LOCK = _TraceLock()
 
 
 class _Tracer(fx.Tracer):
