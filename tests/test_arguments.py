@@ -248,3 +248,13 @@ def test_describe_covers_custom_and_layer_position_composites() -> None:
     assert d["by_name"]["lstm"]["epsilon"] == 1e-5
     assert d["by_type"]["Conv2d"]["gamma"] == 0.3
     assert d["stabilizer"] == 1e-4 and d["name"] == "custom"
+
+
+def test_the_explanation_and_the_ledger_show_the_values_used() -> None:
+    model = TinyLSTM().double().eval()
+    x = torch.randn(1, 4, 3, dtype=torch.float64)
+    expl = relprop.explain(model, x, target=0, composite="epsilon", epsilon=1e-6, record=True)
+    assert expl.parameters["recurrent"]["epsilon"] == 1e-6
+    assert expl.parameters["default"] == {"rule": "Epsilon", "bias": "absorb", "epsilon": 1e-6}
+    rules = {e.rule for e in expl.ledger}
+    assert "recurrent(eps=1e-06, absorb)" in rules and "epsilon(1e-06)" in rules

@@ -133,3 +133,69 @@ def test_default_that_cannot_trace_is_traced_again_with_the_input_given() -> Non
     want = relprop.explain(twin, (x, other), target=0, composite="epsilon")
     for g, w in zip(got.relevance, want.relevance, strict=True):
         assert torch.equal(g, w)
+
+
+class _BakedMask(nn.Module):
+    """MultipliedMask with one fixed mask held as a buffer: the reference for forward_kwargs."""
+
+    def __init__(self, source: Masked, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.fc, self.out = source.fc, source.out
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(x)) * self.mask)
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_keyword_inputs_are_constants_not_explained(batch_size) -> None:
+    """forward_kwargs: an attention-mask-like input passed as a constant (y * mask is then
+    scaling by a constant), the same relevance as a model that holds the mask itself;
+    with batch_size= a per-sample mask is split with the batch."""
+    model = MultipliedMask().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    mask = (torch.rand(5, 3) > 0.4).double()
+    expl = relprop.explain(model, x, target=1, composite="epsilon", batch_size=batch_size,
+                           forward_kwargs={"mask": mask})
+    torch.testing.assert_close(expl.output, model(x, mask=mask).detach())
+    for i in range(5):  # the reference holds one sample's mask
+        ref = relprop.explain(_BakedMask(model, mask[i:i + 1]), x[i:i + 1], target=1,
+                              composite="epsilon")
+        torch.testing.assert_close(expl.relevance[i:i + 1], ref.relevance)
+
+
+def test_keyword_inputs_are_checked_against_forward() -> None:
+    model = MultipliedMask().eval()
+    with pytest.raises(relprop.TraceError, match="no parameter 'maks'.*x, mask"):
+        relprop.explain(model, torch.randn(2, 4), forward_kwargs={"maks": torch.ones(2, 3)})
+    with pytest.raises(relprop.TraceError, match="'x' is already given as input 0"):
+        relprop.explain(model, torch.randn(2, 4), forward_kwargs={"x": torch.ones(2, 4)})
+
+
+def test_several_inputs_get_one_relevance_each() -> None:
+    """Captum's multi-input convention: a tuple of inputs gives a tuple of relevances."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4, bias=False), nn.Linear(2, 4, bias=False)
+            self.head = nn.Linear(4, 2, bias=False)
+
+        def forward(self, x1, x2):
+            return self.head(torch.relu(self.a(x1) + self.b(x2)))
+
+    model = Two().double().eval()
+    x1, x2 = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    expl = relprop.explain(model, (x1, x2), target=0, composite="lrp0")
+    r1, r2 = expl.relevance
+    assert r1.shape == x1.shape and r2.shape == x2.shape
+    a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+    model(a, b)[:, 0].sum().backward()
+    torch.testing.assert_close(r1, a.grad * x1)  # LRP-0 on a ReLU net: gradient x input
+    torch.testing.assert_close(r2, b.grad * x2)
+    torch.testing.assert_close(r1.sum(1) + r2.sum(1), expl.explained)
+
+
+def test_an_empty_batch_is_refused_with_a_message_that_says_so() -> None:
+    with pytest.raises(relprop.InputError, match="the batch is empty"):
+        relprop.explain(Unmasked().eval(), torch.randn(0, 4))

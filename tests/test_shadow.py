@@ -174,3 +174,27 @@ def test_bias_ignore_books_a_unit_with_all_zero_inputs_as_stabiliser() -> None:
     torch.testing.assert_close(expl.relevance.sum(), torch.tensor(3.5, dtype=torch.float64))
     torch.testing.assert_close(entry.stabiliser, torch.tensor([2.0], dtype=torch.float64))
     assert entry.bias.abs().max() == 0
+
+
+def test_the_shadow_passes_a_gate_to_the_signal() -> None:
+    """signal * sigmoid-gate hands all relevance to the signal, on the shadow channel too
+    (flat everywhere: every layer hands relevance out directly)."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, bias=False)
+            self.squeeze = nn.Conv2d(4, 4, 1, bias=False)
+            self.head = nn.Linear(4 * 6 * 6, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = torch.relu(self.conv(x))
+            gate = torch.sigmoid(self.squeeze(F.adaptive_avg_pool2d(a, 1)))
+            return self.head(torch.flatten(a * gate, 1))
+
+    model = Gated().double().eval()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    expl = relprop.explain(model, x, target=0, composite="flat", record=True, **TINY)
+    torch.testing.assert_close(expl.relevance.sum((1, 2, 3)), expl.explained, rtol=1e-6,
+                               atol=1e-9)
+    assert expl.ledger.totals()["other"].abs().max() < 1e-9

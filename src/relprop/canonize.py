@@ -30,11 +30,15 @@ def _node_args(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-def mark_dynamic(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value depends on a model input (only these need rules)."""
+def mark_dynamic(graph: fx.Graph, constants: frozenset[str] = frozenset()) -> set[fx.Node]:
+    """Nodes whose value depends on an explained model input (only these need rules).
+
+    Placeholders named in `constants` (keyword inputs such as an attention mask) are
+    fed as constants: what depends on them alone needs no rule."""
     dynamic: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op == "placeholder" or any(a in dynamic for a in _node_args(node)):
+        if (node.op == "placeholder" and node.name not in constants) or \
+                any(a in dynamic for a in _node_args(node)):
             dynamic.add(node)
     return dynamic
 
@@ -115,6 +119,7 @@ def _make_gated(node: fx.Node, s: OpSpec, dynamic: set[fx.Node]) -> None:
 
     s.fn = gated
     s.product = False
+    s.signal = 1 - g
     s.label = f"{s.label} (gate x{'first' if g == 0 else 'second'})"
 
 
@@ -183,13 +188,14 @@ def positive_only(node: fx.Node) -> bool:
 
 
 def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
-             leaves: dict[str, str] | None = None) -> set[fx.Node]:
+             leaves: dict[str, str] | None = None,
+             constants: frozenset[str] = frozenset()) -> set[fx.Node]:
     """Run all passes; returns the set of input-dependent nodes."""
     if functional:
         functionalize(graph, root, leaves)
-    dynamic = mark_dynamic(graph)
+    dynamic = mark_dynamic(graph, constants)
     classify_nodes(graph, root, dynamic)
     fold_batchnorm(graph)
     batchnorm_as_affine(graph)
     graph.eliminate_dead_code()
-    return mark_dynamic(graph)
+    return mark_dynamic(graph, constants)

@@ -45,6 +45,8 @@ class Explanation:
     explained: Tensor
     composite: str
     layers: dict[str, Tensor] | None = None
+    # every rule of the composite with the values used (Composite.describe())
+    parameters: dict[str, Any] | None = None
     _ledger: Ledger | None = field(default=None, repr=False)
 
     @property
@@ -77,7 +79,8 @@ class Explainer:
         self._program: Program | None = None
         self._fx_error: TraceError | None = None
         self._leaves = leaves
-        self._programs: dict[int, Program] = {}  # by input count, traced again for more inputs
+        # by (input count, keyword names): traced again for more inputs or keywords
+        self._programs: dict[tuple[int, frozenset[str]], Program] = {}
         traced = None
         # Under the lock: a trace in another thread puts this model in eval mode meanwhile.
         with TRACE_LOCK, preserved(model):
@@ -95,35 +98,43 @@ class Explainer:
             raise RelpropError(f"not traced yet: {self._fx_error}")
         return self._program
 
-    def _ensure_program(self, inputs: tuple[Tensor, ...]) -> Program:
+    def _ensure_program(self, inputs: tuple[Tensor, ...],
+                        keywords: dict[str, Any] | None = None) -> Program:
         """The program for these inputs, traced again where the first trace cannot serve.
 
         More inputs than the graph takes: parameters with defaults were traced with
-        their defaults, so trace again with them as inputs (once per input count).
-        fx failed at construction: fx again if there are more inputs, else (or if that
-        fails too) torch.export on the first real input.
+        their defaults, so trace again with them as inputs (once per input count);
+        keyword inputs fed as constants (`forward_kwargs`) likewise become graph
+        inputs, once per set of names. fx failed at construction: fx again if there
+        are more inputs or keywords, else (or if that fails too) torch.export on the
+        first real input.
         """
-        n = len(inputs)
-        known = self._programs.get(n, self._program)
-        if known is not None and len(known.placeholders) >= n:
-            return known
+        n, keywords = len(inputs), keywords or {}
+        key = (n, frozenset(keywords))
+        program = self._programs.get(key)
+        if program is not None:
+            return program
+        base = self._program
+        if not keywords and base is not None and len(base.placeholders) >= n:
+            return base
         error, traced = self._fx_error, None
-        if n > 1 and (known is None or known.traced.method == "fx"):
+        if (n > 1 or keywords) and (base is None or base.traced.method == "fx"):
             try:
-                traced = trace_fx(self.model, self._leaves, inputs=n)
+                traced = trace_fx(self.model, self._leaves, inputs=n,
+                                  keywords=frozenset(keywords))
             except TraceError as exc:
-                if known is not None:
+                if base is not None or self._fx_error is None:
                     raise
                 error = exc
         if traced is None:
             try:
-                traced = trace_export(self.model, inputs)
+                traced = trace_export(self.model, inputs, keywords)
             except TraceError as exc:
                 raise TraceError(f"{error}; and {exc}") from exc
         program = Program.build(traced, self.composite)
-        if self._program is None:
+        if self._program is None and not keywords:
             self._program = program
-        self._programs[n] = program
+        self._programs[key] = program
         return program
 
     def __call__(self, x: Tensor | tuple[Tensor, ...], target: Target = None,
@@ -133,10 +144,16 @@ class Explainer:
     def explain(self, x: Tensor | tuple[Tensor, ...], target: Target = None, *,
                 output_relevance: Tensor | None = None, start: str = "value",
                 record: bool | None = None, batch_size: int | None = None,
-                progress: bool = False) -> Explanation:
-        """Relevance of every input feature for the chosen output(s)."""
+                progress: bool = False,
+                forward_kwargs: dict[str, Any] | None = None) -> Explanation:
+        """Relevance of every input feature for the chosen output(s).
+
+        `forward_kwargs`: keyword inputs of the model's forward that are not explained
+        (an attention mask, lengths): passed as constants, relevance flows around them.
+        """
         record = self.record if record is None else record
         inputs = _check_inputs(x)
+        forward_kwargs = dict(forward_kwargs or {})
         if start not in STARTS:
             raise RelpropError(f"start={start!r}: choose one of {', '.join(STARTS)}")
         if record and inputs[0].shape[0] > 1:
@@ -145,26 +162,30 @@ class Explainer:
             batch_size = 1
         if batch_size is not None:
             return self._explain_chunked(inputs, target, output_relevance, start, record,
-                                         batch_size, progress, single=isinstance(x, Tensor))
+                                         batch_size, progress, single=isinstance(x, Tensor),
+                                         forward_kwargs=forward_kwargs)
         with torch.inference_mode(False), torch.enable_grad():
-            self._ensure_program(inputs)  # may trace (exclusive), so before the shared lock
+            # may trace (exclusive), so before the shared lock
+            self._ensure_program(inputs, forward_kwargs)
         with TRACE_LOCK.shared(), preserved(self.model), torch.inference_mode(False), \
                 torch.enable_grad():
-            expl = self._explain(inputs, target, output_relevance, start, record)
+            expl = self._explain(inputs, target, output_relevance, start, record,
+                                 forward_kwargs)
         if isinstance(x, Tensor):
             expl.relevance = expl.relevance[0]
         return expl
 
     def _explain(self, inputs: tuple[Tensor, ...], target: Target,
-                 output_relevance: Tensor | None, start: str, record: bool) -> Explanation:
-        program = self._ensure_program(inputs)
+                 output_relevance: Tensor | None, start: str, record: bool,
+                 forward_kwargs: dict[str, Any]) -> Explanation:
+        program = self._ensure_program(inputs, forward_kwargs)
         # half precision is explained in float32 (on the same rounded weights) and the
         # results handed back in the input's dtype: float16 cannot hold the rules' ratios
         half = next((t.dtype for t in inputs if t.dtype in _HALF), None)
         compute = torch.float32 if half is not None else None
         leaves = tuple(t.detach().to(compute or t.dtype).clone().requires_grad_(True)
                        for t in inputs)
-        run = program.run(list(leaves), record=record, dtype=compute)
+        run = program.run(list(leaves), record=record, dtype=compute, keywords=forward_kwargs)
         output = run.output
         if not isinstance(output, Tensor):
             raise RelpropError(f"the model returned {type(output).__name__}, not a tensor; "
@@ -220,10 +241,11 @@ class Explainer:
             output, explained = output.to(half), explained.to(half)
         return Explanation(relevance=relevance, output=output.detach(), target=index,
                            explained=explained, composite=self.composite.name,
-                           layers=layers, _ledger=ledger)
+                           parameters=self.composite.describe(), layers=layers,
+                           _ledger=ledger)
 
     def _explain_chunked(self, inputs, target, output_relevance, start, record, batch_size,
-                         progress, single):
+                         progress, single, forward_kwargs):
         total = inputs[0].shape[0]
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size}: must be at least 1")
@@ -233,8 +255,11 @@ class Explainer:
             sl = slice(lo, lo + batch_size)
             t = target[sl] if isinstance(target, Tensor) and target.dim() > 0 else target
             o = output_relevance[sl] if output_relevance is not None else None
+            # keyword tensors with one row per sample (a mask) are split with the batch
+            kw = {k: v[sl] if isinstance(v, Tensor) and v.dim() and v.shape[0] == total else v
+                  for k, v in forward_kwargs.items()}
             part = self.explain(tuple(x[sl] for x in inputs), t, output_relevance=o, start=start,
-                                record=record)
+                                record=record, forward_kwargs=kw)
             parts.append(part)
         rel = tuple(torch.cat([_as_tuple(p.relevance)[i] for p in parts])
                     for i in range(len(inputs)))
@@ -247,17 +272,20 @@ class Explainer:
                            output=torch.cat([p.output for p in parts]),
                            target=torch.cat([p.target for p in parts]),
                            explained=torch.cat([p.explained for p in parts]),
-                           composite=self.composite.name, layers=layers, _ledger=ledger)
+                           composite=self.composite.name,
+                           parameters=self.composite.describe(), layers=layers,
+                           _ledger=ledger)
 
 
 def explain(model: nn.Module, x: Tensor | tuple[Tensor, ...], target: Target = None, *,
             composite: str | Composite = "epsilon", output_relevance: Tensor | None = None,
             start: str = "value", record: bool = False, batch_size: int | None = None,
+            progress: bool = False, forward_kwargs: dict[str, Any] | None = None,
             **params: Any) -> Explanation:
     """One-shot: build an Explainer and explain x (build an Explainer to reuse the trace)."""
     return Explainer(model, composite, **params).explain(
         x, target, output_relevance=output_relevance, start=start, record=record,
-        batch_size=batch_size)
+        batch_size=batch_size, progress=progress, forward_kwargs=forward_kwargs)
 
 
 # ----------------------------------------------------------------- helpers
@@ -273,6 +301,9 @@ def _check_inputs(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
                              "input (convert with .float())")
         if t.dim() == 0:
             raise InputError(f"{name} is a scalar; give a batch (B, ...) of inputs")
+        if t.shape[0] == 0:
+            raise InputError(f"the batch is empty: {name} has shape {tuple(t.shape)}; give at "
+                             "least one sample")
         if not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).nonzero()[0].tolist()
             raise InputError(f"{name} contains NaN or Inf (first at index {tuple(bad)})")

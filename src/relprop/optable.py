@@ -73,6 +73,7 @@ class OpSpec:
     folded: str | None = None  # path of the BatchNorm folded into this LAYER
     constant_summand: bool = False  # PROPORTIONAL with a constant term (absorbs like a bias)
     module: Any = None  # RECURRENT: the nn.LSTM / nn.GRU it runs
+    signal: int | None = None  # signal * gate: the position of the signal (the gate is detached)
 
 
 def _identity(x: Any, *args: Any, **kwargs: Any) -> Any:

@@ -179,14 +179,16 @@ class Program:
         self.steps = steps
         self.traced = traced
         self.composite = composite
-        self.placeholders = [i for i, s in enumerate(steps) if s.op == "placeholder"]
+        # explained inputs, in order; keyword inputs fed as constants are not among them
+        self.placeholders = [i for i, s in enumerate(steps) if s.op == "placeholder"
+                             and s.name not in traced.constants]
         self._casts: dict[str, tuple[tuple, Tensor, Tensor]] = {}
 
     @classmethod
     def build(cls, traced: TracedModel, composite: Composite) -> Program:
         graph = traced.graph
         dynamic = canonize(graph, traced.root, functional=traced.method == "fx",
-                           leaves=traced.leaves)
+                           leaves=traced.leaves, constants=frozenset(traced.constants))
         nonneg = mark_nonneg(graph, dynamic)
         nodes = list(graph.nodes)
         index = {n: i for i, n in enumerate(nodes)}
@@ -245,12 +247,14 @@ class Program:
         return [s for s in self.steps if s.kind is Kind.LAYER]
 
     def run(self, inputs: list[Tensor], record: bool = False,
-            dtype: torch.dtype | None = None) -> RunResult:
+            dtype: torch.dtype | None = None,
+            keywords: dict[str, Any] | None = None) -> RunResult:
         """Forward pass; with record=True every value and gradient is kept for the ledger.
 
         `dtype`: compute in this floating-point type, parameters and buffers cast
         to it (half-precision models are explained in float32: the rules divide by
-        small denominators that float16 cannot hold).
+        small denominators that float16 cannot hold). `keywords`: the values of the
+        keyword inputs traced as constants (by parameter name).
         """
         env: list[Any] = [None] * len(self.steps)
         shadows: list[Any] = [None] * len(self.steps)
@@ -259,6 +263,13 @@ class Program:
         feed = iter(inputs)
         output = None
         for i, step in enumerate(self.steps):
+            if step.op == "placeholder" and step.name in self.traced.constants:
+                value = (keywords or {}).get(self.traced.constants[step.name])
+                if isinstance(value, Tensor) and dtype is not None and \
+                        value.is_floating_point():
+                    value = value.to(dtype)
+                env[i] = value
+                continue
             if step.op == "placeholder":
                 try:
                     env[i] = next(feed)
@@ -427,7 +438,8 @@ class Program:
             return value, step.call(*sh_args, **sh_kwargs)
         if r is Role.SCALE:
             value = step.call(*args, **kwargs)
-            src = next(a for a in _refs(step.args) if is_data(a))
+            src = step.args[s.signal] if s.signal is not None else next(
+                a for a in _refs(step.args) if is_data(a))
             sh = shadow_of(src.index)
             if sh is None:
                 sh = _zeros_like(value)
@@ -656,4 +668,5 @@ def _revives_zeros(node: fx.Node) -> bool:
         return False
     if zero_preserving(lambda t: s.fn(t, *node.args[1:], **node.kwargs)):
         return False
-    return not all(spec(u) is not None and "(gate x" in spec(u).label for u in node.users)
+    return not all(spec(u) is not None and spec(u).signal is not None and
+                   u.args[spec(u).signal] is not node for u in node.users)

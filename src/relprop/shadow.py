@@ -18,7 +18,8 @@ from them, the inputs of every op the shadow can cross:
   it re-enters gradient form where the input is non-zero;
 - sums (x + y, sum, mean, average pooling): proportional split, and an equal
   split where the sum is exactly 0 (relprop.functions.ShadowSum);
-- scaling by a constant: R passes unchanged.
+- scaling by a constant, and a signal times a gate: R passes unchanged (to
+  the signal).
 
 A shadow stops at a dense/conv layer (the relevance joins the layer's own
 before its rule), at a model input (the shadow is a leaf whose gradient adds
@@ -87,6 +88,8 @@ def role(node: fx.Node, dynamic: set[fx.Node]) -> Role | None:
         return None
     if node.target in MAX_POOLS:
         return Role.POOL if not _returns_indices(node) else None
+    if s.signal is not None:
+        return Role.SCALE
     if s.product:
         dyn = [a for a in data_inputs(node, dynamic)]
         if len(dyn) != 1 or (node.target in _DIVISIONS and node.args[0] is not dyn[0]):
@@ -101,7 +104,7 @@ def _is_move(node: fx.Node) -> bool:
     """GRADIENT ops that are linear with 0/1 coefficients (cat, getitem, pad, expand, ...)."""
     s = spec(node)
     return s is not None and s.kind is Kind.GRADIENT and not s.product and \
-        not s.zero_below and node.target not in _SIGNED_IDENTITY and \
+        s.signal is None and not s.zero_below and node.target not in _SIGNED_IDENTITY and \
         node.target not in MAX_POOLS and s.fn is not None
 
 
@@ -124,6 +127,15 @@ def data_inputs(node: fx.Node, dynamic: set[fx.Node]) -> list[fx.Node]:
     return out
 
 
+def scaled_input(node: fx.Node, dynamic: set[fx.Node]) -> fx.Node:
+    """The input whose relevance a SCALE node passes on: the signal of signal * gate, or
+    the one input-dependent factor of x * c."""
+    s = spec(node)
+    if s is not None and s.signal is not None:
+        return node.args[s.signal]
+    return data_inputs(node, dynamic)[0]
+
+
 def is_binary_sum(node: fx.Node) -> bool:
     return node.target in _BINARY_SUMS or getattr(node.target, "_opname", "") in ("add", "sub")
 
@@ -141,7 +153,9 @@ def plan_shadows(nodes: list[fx.Node], dynamic: set[fx.Node],
                 wanted.add(first)
         elif node in wanted and r in (Role.IDENTITY, Role.POOL):
             wanted.add(node.args[0])
-        elif node in wanted and r in (Role.MOVE, Role.SUM, Role.SCALE):
+        elif node in wanted and r is Role.SCALE:
+            wanted.add(scaled_input(node, dynamic))
+        elif node in wanted and r in (Role.MOVE, Role.SUM):
             wanted.update(data_inputs(node, dynamic))
     can_carry = {Role.INPUT, Role.LAYER, Role.IDENTITY, Role.MOVE, Role.POOL, Role.SUM,
                  Role.SCALE}

@@ -160,17 +160,22 @@ class TracedModel:
     root: nn.Module
     method: str  # "fx" or "export"
     leaves: dict[str, str] = field(default_factory=dict)  # module path -> rule family
+    # forward parameters fed as constants at every call (attention masks, lengths):
+    # placeholders whose values are not explained; placeholder name -> parameter name
+    constants: dict[str, str] = field(default_factory=dict)
 
 
 def trace_fx(model: nn.Module, leaves: dict[str, str] | None = None,
-             inputs: int = 1) -> TracedModel:
+             inputs: int = 1, keywords: frozenset[str] = frozenset()) -> TracedModel:
     """Trace symbolically; raises TraceError with the tracer's reason on failure.
 
     `inputs` positional arguments become graph inputs. Parameters past them that
     have a default are traced with that default, as the model runs when they are
-    left out (`if mask is not None:` takes the default branch).
+    left out (`if mask is not None:` takes the default branch), except the
+    `keywords` the caller feeds as constants: those stay graph inputs.
     """
-    concrete = _defaults(model, inputs)
+    check_keywords(model, inputs, keywords)
+    concrete = {k: v for k, v in _defaults(model, inputs).items() if k not in keywords}
     tracer = _Tracer(leaves or {})
     try:
         with TRACE_LOCK, _eval_mode(model):
@@ -180,7 +185,28 @@ def trace_fx(model: nn.Module, leaves: dict[str, str] | None = None,
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
         ) from exc
-    return TracedModel(graph=graph, root=model, method="fx", leaves=leaves or {})
+    constants = {n.name: str(n.target) for n in graph.nodes
+                 if n.op == "placeholder" and str(n.target) in keywords}
+    return TracedModel(graph=graph, root=model, method="fx", leaves=leaves or {},
+                       constants=constants)
+
+
+def check_keywords(model: nn.Module, inputs: int, keywords: frozenset[str]) -> None:
+    """Keyword inputs must name forward parameters not already given positionally."""
+    params = _parameters(model)
+    if not keywords or any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind is not p.VAR_POSITIONAL]
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY,
+                                                       p.POSITIONAL_OR_KEYWORD)][:inputs]
+    for k in sorted(keywords):
+        if k not in names:
+            raise TraceError(f"forward_kwargs: {type(model).__name__}.forward has no parameter "
+                             f"{k!r}; its parameters are {', '.join(names)}")
+        if k in positional:
+            raise TraceError(f"forward_kwargs: {k!r} is already given as input "
+                             f"{positional.index(k)} (explained inputs come first, "
+                             "constant keywords after)")
 
 
 _CONSTANT_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device,
@@ -269,18 +295,26 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...]) -> TracedModel:
-    """Trace with torch.export on an example input (for data-dependent Python code)."""
+def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
+                 keywords: dict[str, Any] | None = None) -> TracedModel:
+    """Trace with torch.export on an example input (for data-dependent Python code).
+
+    `keywords` are fed as constants at every call; the graph specialises on them
+    where the code branches on them."""
+    keywords = keywords or {}
+    check_keywords(model, len(example), frozenset(keywords))
     try:
         with TRACE_LOCK, _eval_mode(model):
-            exported = torch.export.export(model, example, strict=False)
+            exported = torch.export.export(model, example, kwargs=keywords, strict=False)
             module = exported.module()
     except Exception as exc:
         raise TraceError(
             f"neither torch.fx nor torch.export could trace {type(model).__name__}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    return TracedModel(graph=module.graph, root=module, method="export")
+    holders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    constants = {n.name: k for n, k in zip(holders[len(example):], keywords, strict=False)}
+    return TracedModel(graph=module.graph, root=module, method="export", constants=constants)
 
 
 def attribute(root: nn.Module, target: str) -> torch.Tensor:
