@@ -72,7 +72,7 @@ def method_fn(model, method: str, x):
         classes = list(range(10))
         if mode == "separate":
             return lambda: [explainer(x, target=t).relevance for t in classes]
-        return lambda: explainer(x, target=classes).relevance
+        return lambda: explainer(x, target=[classes]).relevance  # (1, K): K maps per sample
     if kind == "zennit":
         from zennit import composites as zc
         from zennit.attribution import Gradient

@@ -24,7 +24,7 @@ from relprop.datasets import load_mnist  # noqa: E402
 from relprop.visualize import heatmap  # noqa: E402
 from relprop.zoo import accuracy, mnist_lstm  # noqa: E402
 
-BIAS = "distribute"  # Arras et al.: bias (and stabiliser) shares handed to the inputs
+BIAS = "distribute"  # Arras et al.: bias (and stabilizer) shares handed to the inputs
 
 
 def main(out: Path, n: int = 6) -> Path:
@@ -35,7 +35,7 @@ def main(out: Path, n: int = 6) -> Path:
     totals = expl.ledger.totals()
     share = (expl.relevance.sum((1, 2, 3)) / expl.explained).mean().item()
     print(f"bias={BIAS}: input relevance / logit = {share:.3f} on average (biases absorbed "
-          f"{totals['bias'].mean().item():+.3f}, stabilisers {totals['stabiliser'].mean():+.1e})")
+          f"{totals['bias'].mean().item():+.3f}, stabilizers {totals['stabilizer'].mean():+.1e})")
     fig, axes = plt.subplots(3, n, figsize=(1.8 * n, 5.4))
     for i in range(n):
         rel = expl.relevance[i, 0]

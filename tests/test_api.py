@@ -42,11 +42,11 @@ def test_target_forms(cnn) -> None:
         assert torch.equal(mixed[i], ex(x, target=int(per_sample[i])).relevance[i])
 
 
-def test_list_of_targets_is_one_call_and_matches_single_calls(cnn) -> None:
+def test_several_targets_per_sample_are_one_call_and_match_single_calls(cnn) -> None:
     x = torch.randn(3, 3, 8, 8)
     for composite in ["epsilon", "epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_plus_flat"]:
         ex = relprop.Explainer(cnn, composite=composite, low=-3.0, high=3.0)
-        many = ex(x, target=[0, 3, 4])
+        many = ex(x, target=[[0, 3, 4]])  # (1, K): the same K classes for every sample
         assert many.relevance.shape == (3, 3, 3, 8, 8)
         assert many.target.shape == (3, 3)
         for k, t in enumerate([0, 3, 4]):
@@ -57,7 +57,7 @@ def test_list_of_targets_is_one_call_and_matches_single_calls(cnn) -> None:
 def test_record_with_several_targets(cnn) -> None:
     x = torch.randn(2, 3, 8, 8)
     ex = relprop.Explainer(cnn, composite="epsilon")
-    many = ex(x, target=[1, 2], record=True)
+    many = ex(x, target=torch.tensor([[1, 2], [1, 2]]), record=True)  # (B, K)
     assert many.ledger.explained.shape == (2, 2)
     for name, r in many.layers.items():
         assert r.shape[:2] == (2, 2), name
@@ -148,7 +148,7 @@ def test_target_out_of_range(cnn) -> None:
         relprop.explain(cnn, torch.randn(2, 3, 8, 8), target=5)
     with pytest.raises(relprop.TargetError, match="out of range"):
         relprop.explain(cnn, torch.randn(2, 3, 8, 8), target=[1, -1])
-    with pytest.raises(relprop.TargetError, match=r"shape \(3,\); expected \(2,\)"):
+    with pytest.raises(relprop.TargetError, match="3 entries but the batch has 2 samples"):
         relprop.explain(cnn, torch.randn(2, 3, 8, 8), target=torch.tensor([0, 1, 2]))
     with pytest.raises(relprop.TargetError, match="dtype"):
         relprop.explain(cnn, torch.randn(2, 3, 8, 8), target=torch.tensor([0.0, 1.0]))
@@ -232,7 +232,7 @@ def test_model_is_byte_identical_after_explaining(factory) -> None:
     before = snapshot(model)
     x = torch.randn(2, 3, 8, 8)
     for composite in ["epsilon_gamma_box", "epsilon_plus", "lrp0"]:
-        relprop.explain(model, x, target=[0, 1], composite=composite, low=-3.0, high=3.0,
+        relprop.explain(model, x, target=[[0, 1]], composite=composite, low=-3.0, high=3.0,
                         record=True)
     with pytest.raises(relprop.InputError):
         relprop.explain(model, torch.randn(2, 4, 8, 8))
@@ -252,3 +252,66 @@ def test_train_mode_model_explains_with_inference_semantics() -> None:
     model.eval()
     b = relprop.explain(model, x, composite="epsilon")
     assert torch.equal(a.relevance, b.relevance)
+
+
+# ------------------------------------------------------- Captum's target convention
+
+def test_targets_follow_captum(cnn) -> None:
+    """A list or 1-d tensor of B entries is one target per sample (not B maps each)."""
+    x = torch.randn(2, 3, 8, 8)
+    ex = relprop.Explainer(cnn, composite="epsilon")
+    per_sample = ex(x, target=[3, 1])
+    assert per_sample.relevance.shape == x.shape
+    assert per_sample.target.tolist() == [3, 1]
+    torch.testing.assert_close(per_sample.relevance[0], ex(x, target=3).relevance[0])
+    torch.testing.assert_close(per_sample.relevance[1], ex(x, target=1).relevance[1])
+    torch.testing.assert_close(ex(x, target=torch.tensor([3, 1])).relevance,
+                               per_sample.relevance)
+    rows = ex(x, target=[[3, 0], [1, 2]])  # (B, K): K maps per sample, own classes
+    assert rows.relevance.shape == (2, 2, 3, 8, 8) and rows.target.tolist() == [[3, 0], [1, 2]]
+    torch.testing.assert_close(rows.relevance[:, 0], per_sample.relevance)
+    with pytest.raises(relprop.TargetError, match=r"\(B, K\) or \(1, K\)"):
+        ex(x, target=[0, 1, 2])
+    chunked = ex(x, target=[3, 1], batch_size=1)  # per-sample targets split with the batch
+    torch.testing.assert_close(chunked.relevance, per_sample.relevance)
+
+
+def test_tuple_targets_index_a_multidimensional_output() -> None:
+    class Grid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.fc(x).reshape(-1, 2, 3)
+
+    model = Grid().eval()
+    x = torch.randn(2, 4)
+    expl = relprop.explain(model, x, target=(1, 2), composite="epsilon")
+    flat = relprop.explain(model, x, target=5, composite="epsilon")  # (1, 2) -> 1 * 3 + 2
+    torch.testing.assert_close(expl.relevance, flat.relevance)
+    both = relprop.explain(model, x, target=[(0, 1), (1, 2)], composite="epsilon")
+    assert both.target.tolist() == [1, 5]
+    with pytest.raises(relprop.TargetError, match="needs 2 ints"):
+        relprop.explain(model, x, target=(1,), composite="epsilon")
+
+
+def test_explainer_needs_no_arguments_but_the_model(cnn) -> None:
+    """The default composite needs no input bounds, so it works on any model."""
+    expl = relprop.Explainer(cnn)(torch.randn(2, 3, 8, 8))
+    assert torch.isfinite(expl.relevance).all() and expl.relevance.abs().sum() > 0
+    assert expl.composite == "epsilon_plus"
+
+
+def test_ledger_without_record_is_an_attribute_error(cnn) -> None:
+    expl = relprop.explain(cnn, torch.randn(1, 3, 8, 8), composite="epsilon")
+    assert not hasattr(expl, "ledger")
+    with pytest.raises(relprop.NoLedgerError, match="record=True"):
+        _ = expl.ledger
+
+
+def test_every_public_rule_is_a_class() -> None:
+    assert isinstance(relprop.LRP0(), relprop.LRP0) and isinstance(relprop.LRP0(), relprop.Epsilon)
+    assert isinstance(relprop.ZPlus(), relprop.ZPlus) and relprop.ZPlus().beta == 0
+    for name in ("LRP0", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox"):
+        assert isinstance(getattr(relprop, name), type), name

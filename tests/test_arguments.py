@@ -187,7 +187,7 @@ def test_epsilon_zero_on_an_lstm_is_guarded_against_zero_over_zero() -> None:
 
 
 class TwoBranches(nn.Module):
-    """A sum of two branches: the relevance split there uses the composite's stabiliser."""
+    """A sum of two branches: the relevance split there uses the composite's stabilizer."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -241,7 +241,7 @@ def test_describe_lists_every_rule_with_its_parameters() -> None:
 def test_describe_covers_custom_and_layer_position_composites() -> None:
     d = make_composite("layer_position", low=0.0, high=1.0, gamma=0.1).describe()
     assert d["gamma_rule"]["gamma"] == 0.1
-    assert d["last"] == {"rule": "Epsilon", "epsilon": 0.0, "bias": "absorb"}
+    assert d["last"] == {"rule": "LRP0", "epsilon": 0.0, "bias": "absorb"}
     custom = Composite(by_name={"lstm": RecurrentRule(epsilon=1e-5)},
                        by_type={nn.Conv2d: Gamma(gamma=0.3)}, stabilizer=1e-4)
     d = custom.describe()

@@ -46,13 +46,13 @@ def test_lrp0_mlp_with_biases_is_gradient_times_input() -> None:
 @pytest.mark.parametrize("factory", [ModuleCNN, FunctionalCNN])
 def test_bias_free_relevance_is_conserved(composite: str, factory) -> None:
     model = without_biases(factory()).double().eval()
-    # inputs scaled so pre-activations are O(1): the 1e-6 stabiliser then absorbs < 1e-5
+    # inputs scaled so pre-activations are O(1): the 1e-6 stabilizer then absorbs < 1e-5
     x = 10 * torch.randn(3, 3, 8, 8, dtype=torch.float64)
     expl = relprop.explain(model, x, composite=composite, record=True)
     total = expl.relevance.sum((1, 2, 3))
     torch.testing.assert_close(total, expl.explained, rtol=1e-5, atol=1e-12)
-    # and what the stabilisers did absorb is on the books, to the last digit
-    torch.testing.assert_close(total + expl.ledger.totals()["stabiliser"], expl.explained,
+    # and what the stabilizers did absorb is on the books, to the last digit
+    torch.testing.assert_close(total + expl.ledger.totals()["stabilizer"], expl.explained,
                                rtol=1e-9, atol=1e-12)
     # every recorded node carries the full relevance too (per-layer conservation)
     ledger = expl.ledger
@@ -72,9 +72,9 @@ def test_ledger_accounts_for_bias_leaks(composite: str) -> None:
     # what left the output and did not reach the input is exactly what the nodes leaked
     torch.testing.assert_close(expl.explained - at_input, totals["leaked"], rtol=1e-6,
                                atol=1e-9)
-    # biases are where it went; stabiliser and the rest are small
+    # biases are where it went; stabilizer and the rest are small
     assert (totals["bias"].abs() > 1e-4).all()
-    torch.testing.assert_close(totals["leaked"], totals["bias"] + totals["stabiliser"],
+    torch.testing.assert_close(totals["leaked"], totals["bias"] + totals["stabilizer"],
                                rtol=1e-6, atol=1e-6)
     assert "bias" in ledger.table()
 
@@ -84,13 +84,13 @@ def test_bias_ignore_and_distribute_conserve(bias: str) -> None:
     model = with_biases(nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(),
                                       nn.Linear(6, 3)), 0.5).double()
     x = 10 * torch.randn(5, 8, dtype=torch.float64)
-    # conserved up to the stabiliser, which is set small here (pre-activations near 0.1
+    # conserved up to the stabilizer, which is set small here (pre-activations near 0.1
     # occur with these random weights, and 1e-6 of 0.1 is already 1e-5)
     expl = relprop.explain(model, x, composite="epsilon", bias=bias, epsilon=1e-9, record=True)
     torch.testing.assert_close(expl.relevance.sum(1), expl.explained, rtol=1e-5, atol=1e-10)
     totals = expl.ledger.totals()
     assert (totals["bias"] == 0).all()
-    torch.testing.assert_close(expl.relevance.sum(1) + totals["stabiliser"], expl.explained,
+    torch.testing.assert_close(expl.relevance.sum(1) + totals["stabilizer"], expl.explained,
                                rtol=1e-9, atol=1e-12)
 
 
@@ -110,11 +110,11 @@ def test_seed_mlp_module_and_functional_twins_agree() -> None:
         # receives R = sigmoid(z), which the epsilon rule then splits
     a, x = a.double(), x.double()
     expl = relprop.explain(a, x, composite="epsilon", bias="ignore", record=True)
-    # what reaches the input is the sigmoid output, less only what stabilisers absorbed
-    stabiliser = expl.ledger.totals()["stabiliser"]
-    torch.testing.assert_close(expl.relevance.sum(1) + stabiliser, a(x)[:, 0].detach(),
+    # what reaches the input is the sigmoid output, less only what stabilizers absorbed
+    stabilizer = expl.ledger.totals()["stabilizer"]
+    torch.testing.assert_close(expl.relevance.sum(1) + stabilizer, a(x)[:, 0].detach(),
                                rtol=1e-5, atol=1e-6)
-    assert stabiliser.abs().max() < 1e-2
+    assert stabilizer.abs().max() < 1e-2
 
 
 def test_cnn_module_and_functional_twins_agree() -> None:
@@ -166,7 +166,7 @@ def test_lone_batchnorm_is_an_affine_layer() -> None:
     expl = relprop.explain(model, x, composite="epsilon", bias="ignore", record=True)
     totals = expl.ledger.totals()
     assert (totals["bias"] == 0).all()
-    torch.testing.assert_close(expl.relevance.sum(1) + totals["stabiliser"], expl.explained,
+    torch.testing.assert_close(expl.relevance.sum(1) + totals["stabilizer"], expl.explained,
                                rtol=1e-9, atol=1e-12)
     assert any(e.op == "BatchNorm1d" and e.rule.startswith("epsilon") for e in expl.ledger)
 
@@ -207,7 +207,7 @@ def test_fast_path_equals_the_general_path(composite: str, factory) -> None:
     general = ex(x, target=1, record=True)
     torch.testing.assert_close(fast.relevance, general.relevance, rtol=1e-9, atol=1e-12)
     # several targets share one forward; the fused backward must not consume its factors
-    both = ex(x, target=[3, 1]).relevance
+    both = ex(x, target=[[3, 1]]).relevance
     torch.testing.assert_close(both[:, 1], fast.relevance, rtol=1e-12, atol=0.0)
     torch.testing.assert_close(both[:, 0], ex(x, target=3).relevance, rtol=1e-12, atol=0.0)
 

@@ -86,7 +86,7 @@ def test_bias_factor_one_conserves(gru: bool, batch_first: bool) -> None:
     entry = expl.ledger["rnn"]
     # with bias factor 1 nothing is absorbed: all relevance reaches the input, except the
     # share the bias terms hand to the (zero) initial state at the first step
-    assert entry.bias.abs().max() < 1e-12 and entry.stabiliser.abs().max() < 1e-12
+    assert entry.bias.abs().max() < 1e-12 and entry.stabilizer.abs().max() < 1e-12
     initial_state = entry.other
     torch.testing.assert_close(rel.sum((1, 2)) + initial_state, expl.explained, rtol=1e-9,
                                atol=1e-12)

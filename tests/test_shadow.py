@@ -156,9 +156,9 @@ def test_sum_of_zeros_splits_the_arriving_relevance_equally() -> None:
     torch.testing.assert_close(expl.relevance, torch.tensor([[2.0, 0.0]], dtype=torch.float64))
 
 
-def test_bias_ignore_books_a_unit_with_all_zero_inputs_as_stabiliser() -> None:
+def test_bias_ignore_books_a_unit_with_all_zero_inputs_as_stabilizer() -> None:
     """z = b when every input is 0: with the bias left out of the denominator the unit has
-    nowhere to send its relevance; the ledger books it at that layer's stabiliser."""
+    nowhere to send its relevance; the ledger books it at that layer's stabilizer."""
     first = nn.Linear(2, 2)
     second = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
@@ -170,9 +170,9 @@ def test_bias_ignore_books_a_unit_with_all_zero_inputs_as_stabiliser() -> None:
     expl = relprop.explain(model, x, target=0, composite="epsilon", bias="ignore",
                            record=True, **TINY)
     entry = expl.ledger["0"]
-    # unit 1 (z = 3.5) hands its 3.5 on; unit 2 (z = b = 2) keeps its 2 in the stabiliser
+    # unit 1 (z = 3.5) hands its 3.5 on; unit 2 (z = b = 2) keeps its 2 in the stabilizer
     torch.testing.assert_close(expl.relevance.sum(), torch.tensor(3.5, dtype=torch.float64))
-    torch.testing.assert_close(entry.stabiliser, torch.tensor([2.0], dtype=torch.float64))
+    torch.testing.assert_close(entry.stabilizer, torch.tensor([2.0], dtype=torch.float64))
     assert entry.bias.abs().max() == 0
 
 

@@ -18,14 +18,14 @@ def params(names):
 @pytest.mark.parametrize("name", params(CNNS))
 def test_bias_free_epsilon_conserves(name: str) -> None:
     model = bias_free(build(name))
-    # inputs of scale 10: pre-activations well above the 1e-6 stabiliser in every layer
-    # (with scale 1 the light models' logits are ~0.1 and stabilisers absorb up to 2e-4)
+    # inputs of scale 10: pre-activations well above the 1e-6 stabilizer in every layer
+    # (with scale 1 the light models' logits are ~0.1 and stabilizers absorb up to 2e-4)
     x = 10 * torch.randn(2, 3, CNNS[name], CNNS[name], dtype=torch.float64)
-    # the stabiliser is the only leak in a bias-free network, and the ledger books it
+    # the stabilizer is the only leak in a bias-free network, and the ledger books it
     expl = relprop.explain(model, x, composite="epsilon", record=True)
     assert torch.isfinite(expl.relevance).all()
     total = expl.relevance.sum((1, 2, 3))
-    stab = expl.ledger.totals()["stabiliser"]
+    stab = expl.ledger.totals()["stabilizer"]
     torch.testing.assert_close(total + stab, expl.explained, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(total, expl.explained, rtol=1e-4, atol=0.0)
 
@@ -38,7 +38,7 @@ def test_ledger_accounts_for_biases(name: str) -> None:
     totals = expl.ledger.totals()
     leaked = expl.explained - expl.relevance.sum((1, 2, 3))
     torch.testing.assert_close(totals["leaked"], leaked, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(totals["bias"] + totals["stabiliser"], leaked, rtol=1e-6,
+    torch.testing.assert_close(totals["bias"] + totals["stabilizer"], leaked, rtol=1e-6,
                                atol=1e-9)
 
 

@@ -43,7 +43,7 @@ def unit_gain(model: nn.Module) -> nn.Module:
 
     Some torchvision inits (GoogLeNet, Inception, AlexNet: std 0.01) shrink the
     signal at every layer, leaving random-weight logits near 1e-11, where any
-    fixed stabiliser dominates. With unit gain the logits are O(1), as in a
+    fixed stabilizer dominates. With unit gain the logits are O(1), as in a
     trained network.
     """
     with torch.no_grad():

@@ -5,6 +5,7 @@ from .dataset import explain_dataset, load_explanations
 from .errors import (
     CompositeError,
     InputError,
+    NoLedgerError,
     RelpropError,
     TargetError,
     TraceError,
@@ -18,7 +19,7 @@ from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, Z
 
 __all__ = [
     "PRESETS", "Composite", "LayerInfo", "make_composite",
-    "CompositeError", "InputError", "RelpropError", "TargetError", "TraceError",
+    "CompositeError", "InputError", "NoLedgerError", "RelpropError", "TargetError", "TraceError",
     "UnsupportedOperationError",
     "Explainer", "Explanation", "explain", "explain_dataset", "load_explanations",
     "Ledger", "LedgerEntry",

@@ -227,16 +227,16 @@ def make_composite(
     - `epsilon=` sets the epsilon rule's epsilon (default 1e-6) and the LSTM/GRU
       rule's (RecurrentRule; Arras' 1e-3 when epsilon is not given; epsilon=0
       gives it 1e-30, LRP-0's guard against 0/0). LRP-0 layers stay at 0 by
-      definition. The stabilisers inside the gamma, alpha-beta, flat, w-square
+      definition. The stabilizers inside the gamma, alpha-beta, flat, w-square
       and z-box rules are numerical guards (Zennit's `stabilizer`, 1e-6), not
       a rule parameter (an epsilon of 0.25 there would change those rules):
       they follow a given epsilon only downwards, min(1e-6, epsilon), like
-      the sums' stabiliser, so a tiny epsilon is tiny everywhere.
+      the sums' stabilizer, so a tiny epsilon is tiny everywhere.
     - `bias=` goes to every rule, the recurrent one included.
     - `stabilizer=` is the epsilon of sums and average pooling: 1e-6 (0 for
       `lrp0`) unless given; when not given but a smaller `epsilon=` is, it
       follows the epsilon (min of the two), so a tiny epsilon is not masked by
-      sums stabilised a million times more strongly.
+      sums stabilized a million times more strongly.
 
     Keywords a preset has no rule for (`gamma=` for "epsilon") are checked but
     unused, so one set of keywords works with every preset; `describe()` on the

@@ -40,10 +40,10 @@ def run_demo(out: Path, n: int = 8, retrain: bool = False) -> Path:
         totals = expl.ledger.totals()
         kept = (expl.relevance.sum((1, 2, 3)) / expl.explained).mean().item()
         balance.append([name, kept, totals["bias"].mean().item(),
-                        totals["stabiliser"].mean().item()])
+                        totals["stabilizer"].mean().item()])
         print(f"   {name:>22}: input relevance / logit = {kept:.3f} "
               f"(biases took {totals['bias'].mean().item():+.3f}, "
-              f"stabilisers {totals['stabiliser'].mean().item():+.1e} on average)")
+              f"stabilizers {totals['stabilizer'].mean().item():+.1e} on average)")
         for row, rel in zip(rows, expl.relevance, strict=True):
             row.append(heatmap(rel, cmap="bwr"))
     titles = [f"label {int(t)}, pred {int(p)}" for t, p in zip(labels, expl.target, strict=True)]
@@ -79,7 +79,7 @@ def run_demo(out: Path, n: int = 8, retrain: bool = False) -> Path:
          image_grid_html(rows, ["input", *COMPOSITES], titles)),
         ("Relevance balance (mean over the digits above)",
          table_html(["composite", "input relevance / logit", "taken by biases",
-                     "taken by stabilisers"], balance)),
+                     "taken by stabilizers"], balance)),
         ("2. LSTM reading rows", image_grid_html(lstm_rows, ["input", "relevance"], titles)),
         ("3. Faithfulness (AOPC, 100 digits, 4x4 regions)",
          table_html(["explanation", "AOPC (MoRF)"], faith)),

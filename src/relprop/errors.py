@@ -25,3 +25,10 @@ class InputError(RelpropError, ValueError):
 
 class CompositeError(RelpropError, ValueError):
     """A composite or rule was given impossible settings."""
+
+
+class NoLedgerError(RelpropError, AttributeError):
+    """The explanation was made without record=True, so it has no ledger.
+
+    An AttributeError, so `hasattr(expl, "ledger")` answers False instead of raising.
+    """

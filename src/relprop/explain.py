@@ -9,6 +9,7 @@ backward (autograd's is_grads_batched).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,15 +18,20 @@ import torch
 from torch import Tensor, nn
 
 from .composites import Composite, make_composite
-from .errors import InputError, RelpropError, TargetError, TraceError
+from .errors import InputError, NoLedgerError, RelpropError, TargetError, TraceError
 from .ledger import Ledger, build_ledger, per_sample
 from .program import Program, RunResult
 from .rules import stabilize
 from .trace import TRACE_LOCK, trace_export, trace_fx
 
-Target = int | Sequence[int] | Tensor | None
+Target = int | tuple[int, ...] | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
 STARTS = ("value", "one", "softmax")
 _HALF = (torch.float16, torch.bfloat16)
+# The default needs no input bounds, so it works on every model: z-plus on
+# convolutions (clear image heatmaps), epsilon on dense, recurrent and other layers.
+# With known input bounds (normalised pixels), "epsilon_gamma_box" is the tutorials'
+# choice for image CNNs.
+DEFAULT_COMPOSITE = "epsilon_plus"
 
 
 @dataclass
@@ -52,7 +58,8 @@ class Explanation:
     @property
     def ledger(self) -> Ledger:
         if self._ledger is None:
-            raise RelpropError("no ledger: explain with record=True to keep per-node relevance")
+            raise NoLedgerError("no ledger: explain with record=True to keep per-node "
+                                "relevance")
         return self._ledger
 
 
@@ -68,7 +75,7 @@ class Explainer:
     running statistics), whatever mode the model is in.
     """
 
-    def __init__(self, model: nn.Module, composite: str | Composite = "epsilon_gamma_box", *,
+    def __init__(self, model: nn.Module, composite: str | Composite = DEFAULT_COMPOSITE, *,
                  record: bool = False, leaves: dict[str, str] | None = None,
                  **params: Any) -> None:
         if not isinstance(model, nn.Module):
@@ -195,7 +202,7 @@ class Explainer:
             raise RelpropError(f"the output has shape {tuple(output.shape)}; expected the batch "
                                f"size {batch} first")
         flat = output.reshape(batch, -1)
-        index, multi = _resolve_target(target, flat, output_relevance)
+        index, multi = _resolve_target(target, output, output_relevance)
         seeds = _seeds(flat, index, start, output_relevance)  # (K, B, N)
         explained = (seeds * flat.detach()).sum(-1).T  # (B, K)
         sink_ids = list(run.sinks)  # placeholder steps with a shadow leaf
@@ -253,7 +260,7 @@ class Explainer:
         chunks = range(0, total, batch_size)
         for lo in _progress(chunks, progress, total, batch_size):
             sl = slice(lo, lo + batch_size)
-            t = target[sl] if isinstance(target, Tensor) and target.dim() > 0 else target
+            t = _chunk_target(target, sl, total)
             o = output_relevance[sl] if output_relevance is not None else None
             # keyword tensors with one row per sample (a mask) are split with the batch
             kw = {k: v[sl] if isinstance(v, Tensor) and v.dim() and v.shape[0] == total else v
@@ -278,7 +285,8 @@ class Explainer:
 
 
 def explain(model: nn.Module, x: Tensor | tuple[Tensor, ...], target: Target = None, *,
-            composite: str | Composite = "epsilon", output_relevance: Tensor | None = None,
+            composite: str | Composite = DEFAULT_COMPOSITE,
+            output_relevance: Tensor | None = None,
             start: str = "value", record: bool = False, batch_size: int | None = None,
             progress: bool = False, forward_kwargs: dict[str, Any] | None = None,
             **params: Any) -> Explanation:
@@ -312,52 +320,114 @@ def _check_inputs(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return inputs
 
 
-def _resolve_target(target: Target, flat: Tensor,
+def _resolve_target(target: Target, output: Tensor,
                     output_relevance: Tensor | None) -> tuple[Tensor, bool]:
-    batch, n = flat.shape
-    device = flat.device
+    """(B, K) indices into the flattened output, and whether K maps per sample were asked.
+
+    Captum's convention: an int (or a tuple indexing a multi-dimensional output) for
+    every sample; a list, or a 1-d tensor, of B entries: one per sample; a (B, K) or
+    (1, K) tensor or nested list: K per sample, sharing one forward.
+    """
+    batch = output.shape[0]
+    inner = tuple(output.shape[1:])
+    n = math.prod(inner)
+    device = output.device
     if output_relevance is not None:
         if target is not None:
             raise TargetError("give either target= or output_relevance=, not both")
         return torch.full((batch, 1), -1, dtype=torch.long, device=device), False
     if target is None:
-        return flat.detach().argmax(1, keepdim=True), False
-    multi = False
-    if isinstance(target, Tensor):
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise TargetError(f"target tensor has dtype {target.dtype}; give class indices "
-                              "(torch.long)")
-        t = target.to(device=device, dtype=torch.long)
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.dim() == 1 and t.shape[0] != batch:
-            raise TargetError(f"target has shape {tuple(target.shape)}; expected ({batch},), "
-                              "one index per sample")
-        if t.dim() == 2:
-            if t.shape[0] != batch:
-                raise TargetError(f"target has shape {tuple(target.shape)}; expected "
-                                  f"({batch}, K)")
-            multi = True
-        elif t.dim() > 2:
-            raise TargetError(f"target has shape {tuple(target.shape)}; expected (B,) or (B, K)")
-        index = t if t.dim() == 2 else t[:, None]
-    elif isinstance(target, bool):
-        raise TargetError("target must be an int, a list of ints or a LongTensor, not a bool")
-    elif isinstance(target, int):
+        return output.detach().reshape(batch, -1).argmax(1, keepdim=True), False
+    if isinstance(target, bool) or (isinstance(target, Tensor) and (
+            target.is_floating_point() or target.dtype == torch.bool)):
+        kind = f"a tensor of dtype {target.dtype}" if isinstance(target, Tensor) else "a bool"
+        raise TargetError(f"target is {kind}; give class indices (an int, a list of ints, "
+                          "a torch.long tensor)")
+    if isinstance(target, tuple):  # one position in a multi-dimensional output, all samples
+        index = torch.full((batch, 1), _flat_position(target, inner), dtype=torch.long,
+                           device=device)
+        return index, False
+    if isinstance(target, int):
         index = torch.full((batch, 1), target, dtype=torch.long, device=device)
-    elif isinstance(target, Sequence) and target and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in target):
-        index = torch.tensor(list(target), dtype=torch.long, device=device).expand(batch, -1)
-        multi = True
+        multi = False
+    elif isinstance(target, list):
+        if not target:
+            raise TargetError("target=[] is empty: give one target per sample")
+        if all(isinstance(t, list) for t in target):  # nested: K per sample
+            t = _as_index(target, device)
+            multi = True
+        else:
+            t = torch.tensor([_flat_position(v, inner) if isinstance(v, tuple) else v
+                              for v in target], dtype=torch.long, device=device)
+            multi = False
+        index = _per_sample(t, batch, multi, target)
+    elif isinstance(target, Tensor):
+        t = target.to(device=device, dtype=torch.long)
+        if t.dim() > 2:
+            raise TargetError(f"target has shape {tuple(target.shape)}; expected (), (B,), "
+                              "(B, K) or (1, K)")
+        multi = t.dim() == 2
+        index = t.expand(batch)[:, None] if t.dim() == 0 else _per_sample(t, batch, multi,
+                                                                           target)
     else:
-        raise TargetError(f"target={target!r}: give None (predicted class), an int, a list of "
-                          "ints or a LongTensor")
+        raise TargetError(f"target={target!r}: give None (the predicted class), an int, a "
+                          "list or 1-d tensor of one index per sample, or a (B, K) tensor")
     bad = (index < 0) | (index >= n)
     if bad.any():
         v = index[bad][0].item()
         raise TargetError(f"target {v} is out of range: the model has {n} outputs "
                           f"(valid targets 0..{n - 1})")
     return index, multi
+
+
+def _chunk_target(target: Target, sl: slice, total: int) -> Target:
+    """The targets of samples `sl`: per-sample ones (B entries) are split with the batch,
+    targets for every sample (an int, a tuple, a (1, K) row) are not."""
+    if isinstance(target, Tensor | list) and len(target) == total and not (
+            isinstance(target, Tensor) and target.dim() == 0):
+        return target[sl]
+    return target
+
+
+def _as_index(nested: list, device: torch.device) -> Tensor:
+    try:
+        return torch.tensor(nested, dtype=torch.long, device=device)
+    except (TypeError, ValueError) as exc:
+        raise TargetError(f"target={nested!r}: a nested list must be rectangular, of ints "
+                          "(B rows of K classes, or one row for every sample)") from exc
+
+
+def _per_sample(t: Tensor, batch: int, multi: bool, given: Any) -> Tensor:
+    """(B, K) from B per-sample targets, or from (B, K) / (1, K) several per sample."""
+    if not multi:
+        if t.shape[0] != batch:
+            raise TargetError(
+                f"target has {t.shape[0]} entries but the batch has {batch} samples: a list "
+                "or 1-d tensor gives one target per sample (Captum's convention); for several "
+                f"classes per sample give a (B, K) or (1, K) tensor or nested list, e.g. "
+                f"[{list(given)[:3]}] for those classes in every sample")
+        return t[:, None]
+    if t.shape[0] not in (1, batch):
+        raise TargetError(f"target has shape {tuple(t.shape)}; expected ({batch}, K) or (1, K)")
+    return t.expand(batch, -1)
+
+
+def _flat_position(position: Any, inner: tuple[int, ...]) -> int:
+    """A tuple index into one sample's output, as an index into its flattened output."""
+    if isinstance(position, int) and not isinstance(position, bool):
+        return position
+    if not isinstance(position, tuple) or len(position) != len(inner) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in position):
+        raise TargetError(f"target {position!r}: a tuple indexes one output position and "
+                          f"needs {len(inner)} ints for an output of shape (B, "
+                          f"{', '.join(map(str, inner))})")
+    flat = 0
+    for p, size in zip(position, inner, strict=True):
+        if not -size <= p < size:
+            raise TargetError(f"target {position!r} is out of range for an output of shape "
+                              f"(B, {', '.join(map(str, inner))})")
+        flat = flat * size + p % size
+    return flat
 
 
 def _seeds(flat: Tensor, index: Tensor, start: str,
@@ -434,7 +504,7 @@ def _combine_ledgers(ledgers: list[Ledger], join) -> Ledger:
         entries.append(LedgerEntry(
             e.node, e.op, e.path, e.rule,
             *(join([getattr(q, f) for q in parts])
-              for f in ("relevance_in", "relevance_out", "bias", "stabiliser"))))
+              for f in ("relevance_in", "relevance_out", "bias", "stabilizer"))))
     return Ledger(entries, join([lg.explained for lg in ledgers]),
                   join([lg.at_input for lg in ledgers]))
 

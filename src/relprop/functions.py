@@ -69,7 +69,7 @@ class StabilisedRatio(torch.autograd.Function):
     """Identity forward; backward multiplies by z / stab(z).
 
     Placed after a sum-like operation (x + y, sum, mean, average pooling) it
-    turns the plain gradient into the proportional rule with stabiliser:
+    turns the plain gradient into the proportional rule with stabilizer:
     R_i = x_i * R_z / stab(z).
     """
 
@@ -132,7 +132,7 @@ class LayerNormRule(torch.autograd.Function):
         den = stabilize(y, ctx.epsilon)
         s = grad * y / den  # R_y / stab(y)
         if ctx.tally is not None:
-            ctx.tally.add(bias=s * bias if bias is not None else None, stabiliser=s * (den - y))
+            ctx.tally.add(bias=s * bias if bias is not None else None, stabilizer=s * (den - y))
         u = s * weight if weight is not None else s
         return (u - u.mean(dim=dims, keepdim=True)) * rstd, None, None, None, None, None, None
 

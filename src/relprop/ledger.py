@@ -1,9 +1,9 @@
 """Where relevance went: per node, what arrived, what was passed on, what leaked.
 
 Built from a recorded backward pass (record=True). For a linear-like layer the
-leak splits into what its bias absorbed, what its stabiliser absorbed and the
+leak splits into what its bias absorbed, what its stabilizer absorbed and the
 rest ("other": relevance that landed on zero-valued inputs of rules that hand
-out relevance directly, or at z = 0 in gamma); for sums it is the stabiliser,
+out relevance directly, or at z = 0 in gamma); for sums it is the stabilizer,
 or the constant summand (counted as bias) in x + c.
 """
 
@@ -33,7 +33,7 @@ class LedgerEntry:
     relevance_in: Tensor  # arriving at the node's output
     relevance_out: Tensor  # handed to the node's inputs
     bias: Tensor  # absorbed by the bias
-    stabiliser: Tensor  # absorbed by the stabiliser
+    stabilizer: Tensor  # absorbed by the stabilizer
 
     @property
     def leaked(self) -> Tensor:
@@ -41,7 +41,7 @@ class LedgerEntry:
 
     @property
     def other(self) -> Tensor:
-        return self.leaked - self.bias - self.stabiliser
+        return self.leaked - self.bias - self.stabilizer
 
 
 class Ledger:
@@ -65,21 +65,21 @@ class Ledger:
         raise KeyError(node)
 
     def totals(self) -> dict[str, Tensor]:
-        """Per-sample sums of what biases, stabilisers and the rest absorbed."""
+        """Per-sample sums of what biases, stabilizers and the rest absorbed."""
         zero = torch.zeros_like(self.explained)
         bias = sum((e.bias for e in self.entries), zero)
-        stab = sum((e.stabiliser for e in self.entries), zero)
+        stab = sum((e.stabilizer for e in self.entries), zero)
         leaked = sum((e.leaked for e in self.entries), zero)
-        return {"bias": bias, "stabiliser": stab, "other": leaked - bias - stab,
+        return {"bias": bias, "stabilizer": stab, "other": leaked - bias - stab,
                 "leaked": leaked}
 
     def table(self, sample: int = 0) -> str:
         """A text table of one sample's balances."""
         rows = [f"{'node':<28} {'op':<24} {'rule':<16} {'in':>12} {'out':>12} {'bias':>11} "
-                f"{'stabiliser':>11} {'other':>11}"]
+                f"{'stabilizer':>11} {'other':>11}"]
         for e in self.entries:
             v = [t[sample].item() for t in (e.relevance_in, e.relevance_out, e.bias,
-                                              e.stabiliser, e.other)]
+                                              e.stabilizer, e.other)]
             rows.append(f"{e.node[:28]:<28} {e.op[:24]:<24} {(e.rule or '-')[:16]:<16} "
                         f"{v[0]:>12.5g} {v[1]:>12.5g} {v[2]:>11.3g} {v[3]:>11.3g} {v[4]:>11.3g}")
         rows.append(f"explained {self.explained[sample].item():.6g}, at input "
@@ -139,8 +139,8 @@ def build_ledger(program, run, batch: int, explained: Tensor,
         zero = torch.zeros_like(out)
         spec = step.node.meta["relprop"]
         bias = tally.bias if tally is not None and tally.bias is not None else zero
-        stab = tally.stabiliser if tally is not None and tally.stabiliser is not None else zero
-        if spec.kind is Kind.PROPORTIONAL:  # a sum leaks only to its stabiliser / constants
+        stab = tally.stabilizer if tally is not None and tally.stabilizer is not None else zero
+        if spec.kind is Kind.PROPORTIONAL:  # a sum leaks only to its stabilizer / constants
             if spec.constant_summand:
                 bias = r_in - out
             else:
@@ -148,7 +148,7 @@ def build_ledger(program, run, batch: int, explained: Tensor,
         entries.append(LedgerEntry(
             node=step.name, op=spec.label, path=spec.path,
             rule=step.rule.describe() if step.rule is not None else _family(spec.kind),
-            relevance_in=r_in, relevance_out=out, bias=bias, stabiliser=stab,
+            relevance_in=r_in, relevance_out=out, bias=bias, stabilizer=stab,
         ))
     return Ledger(entries, explained, at_input), layers
 

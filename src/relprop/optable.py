@@ -14,7 +14,7 @@ Families:
   (reshape, cat, indexing, max pooling = winner takes all), ReLU (identity
   rule, which for ReLU is its gradient), scaling by a constant.
 - PROPORTIONAL: sums (x + y, sum, mean, average pooling) split relevance in
-  proportion to the summands, with a small stabiliser.
+  proportion to the summands, with a small stabilizer.
 - ELEMENTWISE: other element-wise non-linearities (sigmoid, tanh, softmax,
   ELU, GELU, SiLU, Hardswish, ReLU6, ...): identity rule, relevance passes
   unchanged. In a product with another activation, a sigmoid/hardsigmoid

@@ -160,7 +160,7 @@ class Recording:
         for store in (self.out_grads, self.edge_grads, self.shadow_out, self.shadow_edge_grads):
             store.clear()
         for t in self.tallies.values():
-            t.bias = t.stabiliser = None
+            t.bias = t.stabilizer = None
 
 
 @dataclass

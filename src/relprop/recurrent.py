@@ -57,7 +57,7 @@ class RecurrentRule:
             raise CompositeError(f"bias={self.bias!r}: choose one of {', '.join(BIAS_MODES)}")
         check_nonnegative("RecurrentRule", "epsilon", self.epsilon, EPSILON_WHY)
         check_nonnegative("RecurrentRule", "bias_factor", self.bias_factor,
-                          "the share of bias and stabiliser relevance handed to the inputs")
+                          "the share of bias and stabilizer relevance handed to the inputs")
 
     def describe(self) -> str:
         extra = f", bias_factor={self.bias_factor:g}" if self.bias == "distribute" else ""
@@ -100,7 +100,7 @@ def _tally(tally: Tally | None, bias: Tensor | None, sign: Tensor, s: Tensor,
         return
     keep = 1.0 - rule.bias_factor if rule.bias == "distribute" else 1.0
     b = s * bias * keep if (bias is not None and rule.bias != "ignore") else None
-    tally.add(bias=b, stabiliser=s * rule.epsilon * sign * keep)
+    tally.add(bias=b, stabilizer=s * rule.epsilon * sign * keep)
 
 
 def _cell_split(parts: tuple[Tensor, Tensor], total: Tensor, r: Tensor, rule: RecurrentRule,

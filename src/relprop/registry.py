@@ -8,7 +8,7 @@ A function or module relprop does not know gets one of the rule families:
   right for maps that only move, copy or scale values, for ReLU-like maps, and
   it is LRP-0 for linear maps.
 - "proportional": a linear sum-like map (z = sum of parts): relevance is split
-  in proportion to the parts, with the composite's stabiliser.
+  in proportion to the parts, with the composite's stabilizer.
 
 Example::
 

@@ -28,7 +28,7 @@ from .errors import CompositeError, InputError
 from .layers import ConvKernel, Kernel, LayerWeights, LinearKernel
 
 BIAS_MODES = ("absorb", "ignore", "distribute")
-# Stabiliser used where a rule asks for none (LRP-0 with a filter, ignored bias):
+# Stabilizer used where a rule asks for none (LRP-0 with a filter, ignored bias):
 # small enough to be invisible next to any real pre-activation, large enough
 # that 0/0 never happens.
 TINY = 1e-30
@@ -132,23 +132,23 @@ def keep_top_k(r: Tensor, fraction: float) -> Tensor:
 
 
 class Tally:
-    """Per-sample sums of the relevance a layer's bias and stabiliser absorbed."""
+    """Per-sample sums of the relevance a layer's bias and stabilizer absorbed."""
 
     def __init__(self) -> None:
         self.bias: Tensor | None = None
-        self.stabiliser: Tensor | None = None
+        self.stabilizer: Tensor | None = None
 
     @staticmethod
     def _per_sample(t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], -1).sum(1)
 
-    def add(self, bias: Tensor | None = None, stabiliser: Tensor | None = None) -> None:
+    def add(self, bias: Tensor | None = None, stabilizer: Tensor | None = None) -> None:
         if bias is not None:
             v = self._per_sample(bias)
             self.bias = v if self.bias is None else self.bias + v
-        if stabiliser is not None:
-            v = self._per_sample(stabiliser)
-            self.stabiliser = v if self.stabiliser is None else self.stabiliser + v
+        if stabilizer is not None:
+            v = self._per_sample(stabilizer)
+            self.stabilizer = v if self.stabilizer is None else self.stabilizer + v
 
 
 def _distribute(layer: BoundLayer, x: Tensor, shares: Tensor) -> Tensor:
@@ -188,7 +188,7 @@ class Rule:
     def __post_init__(self) -> None:
         if self.bias not in BIAS_MODES:
             raise CompositeError(f"bias={self.bias!r}: choose one of {', '.join(BIAS_MODES)}")
-        if hasattr(self, "epsilon"):  # every rule's stabiliser (the epsilon rule's epsilon)
+        if hasattr(self, "epsilon"):  # every rule's stabilizer (the epsilon rule's epsilon)
             check_nonnegative(type(self).__name__, "epsilon", self.epsilon, EPSILON_WHY)
 
     def forward(self, layer: BoundLayer, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -214,7 +214,7 @@ class Epsilon(Rule):
     def backward(self, layer, x, z, state, incoming, tally):
         b = layer.bias_term("plain", z)
         if self.epsilon == 0 and incoming.plain and (b is None or self.bias != "ignore"):
-            # LRP-0 without stabiliser: R_z / z = c_z exactly, the plain gradient.
+            # LRP-0 without stabilizer: R_z / z = c_z exactly, the plain gradient.
             s = incoming.grad
             if tally is not None and b is not None and self.bias == "absorb":
                 tally.add(bias=s * b)
@@ -231,16 +231,18 @@ class Epsilon(Rule):
             out.relevance = _distribute(layer, x, s * b)
         if tally is not None:
             tally.add(bias=s * b if (b is not None and self.bias == "absorb") else None,
-                      stabiliser=s * (den - d))
+                      stabilizer=s * (den - d))
         return out
 
     def describe(self) -> str:
         return "lrp0" if self.epsilon == 0 else f"epsilon({self.epsilon:g})"
 
 
-def LRP0(bias: str = "absorb") -> Epsilon:  # noqa: N802 - reads as a rule name
-    """LRP-0: epsilon with no stabiliser (on ReLU networks: gradient x input)."""
-    return Epsilon(epsilon=0.0, bias=bias)
+@dataclass(frozen=True)
+class LRP0(Epsilon):
+    """LRP-0: epsilon with no stabilizer (on ReLU networks: gradient x input)."""
+
+    epsilon: float = field(default=0.0, init=False)
 
 
 def _positive_contributions(layer: BoundLayer, x: Tensor) -> Tensor:
@@ -321,7 +323,7 @@ class AlphaBeta(Rule):
                 stab = stab + neg * (n_den - n)
                 if bias is not None:
                     bias = bias + neg * bn
-            tally.add(bias=bias, stabiliser=stab)
+            tally.add(bias=bias, stabilizer=stab)
         return out
 
     def describe(self) -> str:
@@ -330,9 +332,12 @@ class AlphaBeta(Rule):
         return f"alpha{self.alpha:g}_beta{self.beta:g}"
 
 
-def ZPlus(epsilon: float = 1e-6, bias: str = "absorb") -> AlphaBeta:  # noqa: N802
+@dataclass(frozen=True)
+class ZPlus(AlphaBeta):
     """z-plus: alpha-beta with alpha=1, beta=0 (positive contributions only)."""
-    return AlphaBeta(alpha=1.0, beta=0.0, epsilon=epsilon, bias=bias)
+
+    alpha: float = field(default=1.0, init=False)
+    beta: float = field(default=0.0, init=False)
 
 
 @dataclass(frozen=True)
@@ -394,7 +399,7 @@ class Gamma(Rule):
                 stab = stab + s_neg * (n_den - n)
                 if bias is not None:
                     bias = bias + s_neg * b_n
-            tally.add(bias=bias, stabiliser=stab)
+            tally.add(bias=bias, stabilizer=stab)
         return out
 
     def describe(self) -> str:
@@ -413,7 +418,7 @@ class Flat(Rule):
         den = stabilize(d, self.epsilon)
         s = incoming.relevance() / den
         if tally is not None:
-            tally.add(stabiliser=s * (den - d))
+            tally.add(stabilizer=s * (den - d))
         return Propagated(relevance=layer.t(s, "ones", x))
 
 
@@ -437,7 +442,7 @@ class WSquare(Rule):
             out.relevance = out.relevance + _distribute(layer, x, s * b2)
         if tally is not None:
             bias = s * b2 if (b2 is not None and self.bias == "absorb") else None
-            tally.add(bias=bias, stabiliser=s * (den - d))
+            tally.add(bias=bias, stabilizer=s * (den - d))
         return out
 
 
@@ -522,7 +527,7 @@ class ZBox(Rule):
             b = layer.bias_term("plain", z)
             cache[key] = shift if b is None else shift + b
         d = z - cache[key]  # the bias cancels in z-box
-        # backward needs only z / stab(d) (d itself only for the ledger's stabiliser share);
+        # backward needs only z / stab(d) (d itself only for the ledger's stabilizer share);
         # with the ReLU after the layer fused in, relevance arrives as c * relu(z)
         if layer.recording:
             return z, (z / stabilize(d, self.epsilon), d)
@@ -546,7 +551,7 @@ class ZBox(Rule):
         r = x * t_plain - low * t_pos - high * t_neg
         if tally is not None:
             d = state[1]
-            tally.add(stabiliser=s * (stabilize(d, self.epsilon) - d))
+            tally.add(stabilizer=s * (stabilize(d, self.epsilon) - d))
         return Propagated(relevance=r)
 
     def describe(self) -> str:
