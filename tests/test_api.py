@@ -315,3 +315,20 @@ def test_every_public_rule_is_a_class() -> None:
     assert isinstance(relprop.ZPlus(), relprop.ZPlus) and relprop.ZPlus().beta == 0
     for name in ("LRP0", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox"):
         assert isinstance(getattr(relprop, name), type), name
+
+
+def test_an_output_object_with_logits_is_explained_by_its_logits(cnn) -> None:
+    """Hugging Face models return an output object (a dict with "logits")."""
+
+    class WithOutput(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return {"logits": self.inner(x), "hidden": x}
+
+    x = torch.randn(2, 3, 8, 8)
+    got = relprop.explain(WithOutput(cnn).eval(), x, target=1, composite="epsilon")
+    want = relprop.explain(cnn, x, target=1, composite="epsilon")
+    torch.testing.assert_close(got.relevance, want.relevance)

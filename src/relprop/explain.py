@@ -194,9 +194,7 @@ class Explainer:
                        for t in inputs)
         run = program.run(list(leaves), record=record, dtype=compute, keywords=forward_kwargs)
         output = run.output
-        if not isinstance(output, Tensor):
-            raise RelpropError(f"the model returned {type(output).__name__}, not a tensor; "
-                               "wrap it so that it returns the tensor to explain")
+        output = _logits(output)
         batch = inputs[0].shape[0]
         if output.dim() == 0 or output.shape[0] != batch:
             raise RelpropError(f"the output has shape {tuple(output.shape)}; expected the batch "
@@ -378,6 +376,20 @@ def _resolve_target(target: Target, output: Tensor,
         raise TargetError(f"target {v} is out of range: the model has {n} outputs "
                           f"(valid targets 0..{n - 1})")
     return index, multi
+
+
+def _logits(output: Any) -> Tensor:
+    """The tensor to explain: the output itself, or the `logits` of an output object
+    (Hugging Face's ModelOutput, a dict with "logits")."""
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits",
+                                                                              None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise RelpropError(f"the model returned {type(output).__name__}, not a tensor (nor an "
+                       "object with a `logits` tensor); wrap it so that it returns the tensor "
+                       "to explain")
 
 
 def _chunk_target(target: Target, sl: slice, total: int) -> Target:
