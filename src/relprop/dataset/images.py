@@ -7,6 +7,7 @@ commands see the same pixels; decoding happens in the DataLoader's worker proces
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,14 +21,19 @@ from ..loading import IMAGE_SUFFIXES, image_files, read_image, to_input
 class ImageFiles(Dataset):
     """(x, label) per image: x (C, H, W) as `relprop explain` feeds it, label the class
     folder's position in `classes` (-1 for a flat folder). `samples` lists (path, label)
-    like torchvision's ImageFolder, `bounds` the z-box bounds of the normalisation."""
+    like torchvision's ImageFolder, `bounds` the z-box bounds of the normalisation.
 
-    def __init__(self, root: str | Path, size: int | None = 224, normalize: bool = True
-                 ) -> None:
+    preprocessing: an object with read(path) -> (H, W, C) array and batch(arrays) ->
+    (x, low, high), such as the one a model's weights declare (relprop.loading); without
+    it, size and normalize decide (shorter side, centre crop, ImageNet statistics)."""
+
+    def __init__(self, root: str | Path, size: int | None = 224, normalize: bool = True,
+                 preprocessing: Any = None) -> None:
         root = Path(root).absolute()  # paths in the manifest work from anywhere
         if not root.is_dir():
             raise RelpropError(f"no such folder: {root}")
         self.root, self.size, self.normalize = root, size, normalize
+        self.preprocessing = preprocessing
         subdirs = sorted(d for d in root.iterdir() if d.is_dir() and _has_images(d))
         if subdirs:
             self.classes = [d.name for d in subdirs]
@@ -36,15 +42,34 @@ class ImageFiles(Dataset):
         else:
             self.classes = []
             self.samples = [(str(f), -1) for f in image_files([root])]
-        _, low, high = to_input([np.zeros((1, 1, 3), np.float32)], normalize)
-        self.bounds = (low, high)
+        if not self.samples:
+            raise RelpropError(f"no images in {root}")
+        self._bounds: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def bounds(self) -> tuple[Tensor, Tensor]:
+        """The z-box bounds: the normalised images of 0 and 1 (from the first image)."""
+        if self._bounds is None:
+            _, low, high = self._batch([self._read(Path(self.samples[0][0]))])
+            self._bounds = (low, high)
+        return self._bounds
+
+    def _read(self, path: Path) -> np.ndarray:
+        if self.preprocessing is not None:
+            return self.preprocessing.read(path)
+        return read_image(path, self.size)
+
+    def _batch(self, images: list[np.ndarray]) -> tuple[Tensor, Tensor, Tensor]:
+        if self.preprocessing is not None:
+            return self.preprocessing.batch(images)
+        return to_input(images, self.normalize)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.samples[i]
-        x, _, _ = to_input([read_image(Path(path), self.size)], self.normalize)
+        x, _, _ = self._batch([self._read(Path(path))])
         return x[0], label
 
 

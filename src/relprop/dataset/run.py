@@ -60,7 +60,8 @@ class RunSummary:
     shards_written: list[int] = field(default_factory=list)
     shards_skipped: list[int] = field(default_factory=list)
     samples_written: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call
+    loop_seconds: float = 0.0  # reading, explaining and writing (no set-up, no manifest)
     manifest: Path | None = None  # on rank 0
     world_size: int = 1
 
@@ -165,8 +166,10 @@ class _Job:
                 rows += done
                 summary.shards_skipped.append(k)
 
+        loop_start = time.perf_counter()
         self._explain(explainer, dataset, out, todo, n, dev, group, config["run_id"],
                       paths, rows, summary)
+        summary.loop_seconds = time.perf_counter() - loop_start
         gathered = group.gather(rows)
         if gathered is not None:
             every = [r for part in gathered for r in part]
