@@ -32,3 +32,8 @@ class NoLedgerError(RelpropError, AttributeError):
 
     An AttributeError, so `hasattr(expl, "ledger")` answers False instead of raising.
     """
+
+
+class MissingDependencyError(RelpropError, ImportError):
+    """An optional package (matplotlib and Pillow: the `relprop[viz]` extra; timm,
+    transformers, torchvision for those models) is needed and not installed."""

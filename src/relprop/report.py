@@ -40,10 +40,10 @@ img { image-rendering: pixelated; }
 
 def png_data_uri(image: np.ndarray) -> str:
     """An (H, W[, 3]) uint8 array as a data: URI."""
-    from PIL import Image
+    from .visualize import optional
 
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    optional("PIL.Image").fromarray(image).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

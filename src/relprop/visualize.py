@@ -3,30 +3,75 @@
 Colour maps are matplotlib colormaps: "bwr" (blue-white-red) and "coldnhot"
 (cyan-blue-black-red-yellow, black at zero), both diverging so that zero
 relevance sits at the centre.
+
+matplotlib and Pillow are the `relprop[viz]` extra and are imported only when a
+picture is made, so `import relprop` needs neither. Figures are built without
+pyplot (a Figure on the Agg canvas): the caller's matplotlib backend, its open
+figures and its rcParams are never touched, in a notebook or a script.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import io
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib.colors import Colormap, LinearSegmentedColormap
 
-matplotlib.use("Agg")  # files only, no display needed
+from .errors import MissingDependencyError
 
-COLDNHOT = LinearSegmentedColormap.from_list(
-    "coldnhot", ["#00ffff", "#0000ff", "#000000", "#ff0000", "#ffff00"])
+if TYPE_CHECKING:
+    from matplotlib.colors import Colormap
+    from matplotlib.figure import Figure
+
+VIZ_EXTRA = "pip install 'relprop[viz]'"
+
+
+def optional(module: str, install: str = VIZ_EXTRA) -> ModuleType:
+    """Import an optional dependency, or say in one line how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        raise MissingDependencyError(f"this needs {top}, which is not installed: {install}"
+                                     ) from exc
+
+
+@functools.cache
+def _coldnhot() -> Colormap:
+    colors = optional("matplotlib.colors")
+    return colors.LinearSegmentedColormap.from_list(
+        "coldnhot", ["#00ffff", "#0000ff", "#000000", "#ff0000", "#ffff00"])
+
+
+def __getattr__(name: str) -> Any:
+    """COLDNHOT stays importable, built on first use (matplotlib is optional)."""
+    if name == "COLDNHOT":
+        return _coldnhot()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def colormap(name: str | Colormap) -> Colormap:
-    if isinstance(name, Colormap):
+    if not isinstance(name, str):
         return name
     if name == "coldnhot":
-        return COLDNHOT
-    return matplotlib.colormaps[name]
+        return _coldnhot()
+    return optional("matplotlib").colormaps[name]
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas: no pyplot, so no backend switch and no figure
+    left open in the caller's session."""
+    figure = optional("matplotlib.figure")
+    agg = optional("matplotlib.backends.backend_agg")
+    fig = figure.Figure(figsize=(width, height))
+    agg.FigureCanvasAgg(fig)
+    return fig
 
 
 def to_map(relevance: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -59,10 +104,9 @@ def save_grid(images: Sequence[Sequence[np.ndarray]], path: str | Path,
               col_titles: Sequence[str] = (), row_titles: Sequence[str] = (),
               cell: float = 1.6) -> Path:
     """Save a grid of RGB/greyscale images as a PNG."""
-    import matplotlib.pyplot as plt
-
     rows, cols = len(images), max(len(r) for r in images)
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows), squeeze=False)
+    fig = new_figure(cell * cols, cell * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, row in enumerate(images):
         for j in range(cols):
             ax = axes[i][j]
@@ -78,15 +122,19 @@ def save_grid(images: Sequence[Sequence[np.ndarray]], path: str | Path,
     return _save_figure(fig, path)
 
 
-def _save_figure(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
+def _save_figure(fig: Figure, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (what Jupyter's image/png display wants)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
 
 
 def overlay(image: np.ndarray | torch.Tensor, relevance, cmap: str | Colormap = "bwr",
@@ -112,23 +160,21 @@ def overlay(image: np.ndarray | torch.Tensor, relevance, cmap: str | Colormap = 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write an RGB or greyscale uint8 array as PNG (Pillow)."""
-    from PIL import Image
-
+    pil = optional("PIL.Image")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    pil.fromarray(image).save(path)
     return path
 
 
 def feature_bars(relevance, names: Sequence[str], path: str | Path, title: str = "") -> Path:
     """Relevance of tabular features as a horizontal bar plot (red positive, blue negative)."""
-    import matplotlib.pyplot as plt
-
     r = to_map(relevance).reshape(-1)
     if len(names) != len(r):
         raise ValueError(f"{len(names)} feature names for {len(r)} relevance values")
     order = np.argsort(np.abs(r))
-    fig, ax = plt.subplots(figsize=(6, 0.3 * len(r) + 1))
+    fig = new_figure(6, 0.3 * len(r) + 1)
+    ax = fig.subplots()
     ax.barh([names[i] for i in order], r[order],
             color=["#c00000" if r[i] > 0 else "#0033cc" for i in order])
     ax.axvline(0, color="k", lw=0.5)
@@ -152,3 +198,81 @@ def sequence_html(tokens: Sequence[str], relevance, cmap: str | Colormap = "bwr"
         spans.append(f'<span title="{v:+.3f}" style="background: rgb({red},{green},{blue})">'
                      f"{html.escape(tok)}</span>")
     return " ".join(spans)
+
+
+# --- an Explanation as a picture (Jupyter's _repr_png_, Explanation.plot) ------------------
+
+def explanation_figure(expl: Any, *, samples: int = 8, class_names: Sequence[str] | None = None,
+                       images: Sequence[np.ndarray] | None = None, cmap: str | Colormap = "bwr",
+                       mode: str = "percentile", cell: float = 1.8) -> Figure:
+    """The heatmap grid of an Explanation: a row per sample (the first `samples`), a
+    column per target, titled with the class (and its name from `class_names`) and the
+    explained output. Relevance of 4-d or higher inputs (images: channels summed) and
+    3-d ones (B, T, F: sequences, as a time x feature map) are heatmaps; 2-d (B, F) bars.
+    For several inputs the first one is shown. `images` adds an input column.
+    """
+    relevance = expl.relevance[0] if isinstance(expl.relevance, tuple) else expl.relevance
+    target, explained = expl.target, expl.explained
+    if target.dim() == 1:  # one target per sample: a K axis of 1
+        relevance, target, explained = relevance[:, None], target[:, None], explained[:, None]
+    return relevance_figure(relevance[:samples], target[:samples], explained[:samples],
+                            class_names=class_names,
+                            images=None if images is None else images[:samples],
+                            cmap=cmap, mode=mode, cell=cell)
+
+
+def explanation_png(expl: Any, **kwargs: Any) -> bytes:
+    """explanation_figure as PNG bytes (keywords as there)."""
+    return figure_png(explanation_figure(expl, **kwargs))
+
+
+def relevance_figure(relevance: torch.Tensor, target: torch.Tensor, explained: torch.Tensor,
+                     class_names: Sequence[str] | None = None,
+                     images: Sequence[np.ndarray] | None = None,
+                     cmap: str | Colormap = "bwr", mode: str = "percentile",
+                     cell: float = 1.8) -> Figure:
+    """The grid behind explanation_figure, from relevance (B, K, ...) and target and
+    explained (B, K): the command line draws one image's targets with it."""
+    rel = relevance.detach().cpu().double()
+    batch, k = target.shape
+    lead = 0 if images is None else 1
+    fig = new_figure(cell * (k + lead), (cell + 0.4) * batch)
+    axes = fig.subplots(batch, k + lead, squeeze=False)
+    for i in range(batch):
+        if images is not None:
+            img = np.asarray(images[i])
+            img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+            axes[i][0].imshow(img, cmap="gray" if img.ndim == 2 else None)
+            axes[i][0].set_title("input", fontsize=8)
+        for j in range(k):
+            ax = axes[i][lead + j]
+            _draw_relevance(ax, rel[i, j], cmap, mode)
+            ax.set_title(_target_title(int(target[i, j]), float(explained[i, j]), class_names),
+                         fontsize=8)
+        axes[i][0].set_ylabel(f"sample {i}", fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            if ax.images:
+                ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def _draw_relevance(ax: Any, r: torch.Tensor, cmap: str | Colormap, mode: str) -> None:
+    """One sample's relevance: a heatmap for 2-d or more (leading axes summed), else bars."""
+    if r.dim() >= 2:
+        m = r.reshape(-1, *r.shape[-2:]).sum(0)
+        ax.imshow(heatmap(m, cmap, mode), aspect="equal" if r.dim() >= 3 else "auto",
+                  interpolation="nearest")
+        return
+    v = r.reshape(-1).numpy()
+    ax.bar(np.arange(len(v)), v, color=np.where(v > 0, "#c00000", "#0033cc"))
+    ax.axhline(0, color="k", lw=0.5)
+    ax.tick_params(labelsize=6)
+
+
+def _target_title(cls: int, explained: float, class_names: Sequence[str] | None) -> str:
+    if cls < 0:  # output_relevance: no single class
+        return f"given output relevance\nR={explained:.3g}"
+    name = f" {class_names[cls]}" if class_names is not None and cls < len(class_names) else ""
+    return f"{cls}{name}\nR={explained:.3g}"
