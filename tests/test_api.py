@@ -332,3 +332,11 @@ def test_an_output_object_with_logits_is_explained_by_its_logits(cnn) -> None:
     got = relprop.explain(WithOutput(cnn).eval(), x, target=1, composite="epsilon")
     want = relprop.explain(cnn, x, target=1, composite="epsilon")
     torch.testing.assert_close(got.relevance, want.relevance)
+
+
+def test_an_explanation_shows_itself_in_jupyter(cnn) -> None:
+    expl = relprop.explain(cnn, torch.randn(2, 3, 8, 8), target=[[0, 1]], composite="epsilon")
+    png = expl._repr_png_()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = expl.plot(samples=1)
+    assert len(fig.axes) >= 2  # one panel per target

@@ -55,6 +55,22 @@ class Explanation:
     parameters: dict[str, Any] | None = None
     _ledger: Ledger | None = field(default=None, repr=False)
 
+    def plot(self, **kwargs: Any) -> Any:
+        """The heatmap grid as a matplotlib Figure (needs `relprop[viz]`); keywords as
+        relprop.visualize.explanation_figure (samples=, class_names=, images=, cmap=)."""
+        from .visualize import explanation_figure
+
+        return explanation_figure(self, **kwargs)
+
+    def _repr_png_(self) -> bytes | None:
+        """Jupyter shows an Explanation as its heatmap grid (nothing without matplotlib)."""
+        try:
+            from .visualize import explanation_png
+
+            return explanation_png(self)
+        except ImportError:
+            return None
+
     @property
     def ledger(self) -> Ledger:
         if self._ledger is None:
