@@ -13,6 +13,7 @@ import torchvision
 from PIL import Image
 
 from relprop.cli import main
+from relprop.datasets import load_mnist
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,39 @@ def test_unreadable_image_is_named(tmp_path, capsys) -> None:
     assert main(["explain", str(bad), "--model", "resnet18", "--size", "32"]) == 2
     err = capsys.readouterr().err
     assert "cannot read image" in err and "bad.png" in err
+
+
+def test_evaluate_on_your_model_and_images(tmp_path, capsys) -> None:
+    """The faithfulness report for a model given by name, on image files: real digits
+    through `module:callable`, loaded as `relprop explain` loads them."""
+    x, _ = load_mnist("test")
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i in range(24):
+        Image.fromarray((x[i, 0].numpy() * 255).round().astype(np.uint8)).save(
+            folder / f"d{i:02d}.png")
+    out = tmp_path / "out"
+    assert main(["evaluate", str(folder), "--model", "cli_models:rgb_mnist", "--size", "28",
+                 "--no-normalize", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    aopc = {line.split(":")[0].strip(): float(line.split("AOPC(MoRF)")[1].split()[0])
+            for line in printed.splitlines() if "AOPC(MoRF)" in line}
+    assert set(aopc) == {"epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1",
+                         "gradient", "gradient_x_input", "random"}
+    assert aopc["random"] < min(aopc[m] for m in ("epsilon_plus", "epsilon_gamma_box"))
+    text = (out / "report.html").read_text()
+    assert "cli_models:rgb_mnist" in text and "24 images" in text and "4x4" in text
+    assert text.count("<img") == 1 + 6 * 7  # curves, then 6 rows of input + 6 methods
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["evaluate", "IMAGES"], "needs --model"),
+    (["evaluate", "--model", "resnet18"], "give the images"),
+])
+def test_evaluate_arguments_are_checked(images, args, message, capsys) -> None:
+    args = [str(images) if a == "IMAGES" else a for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_every_command_has_help(capsys) -> None:

@@ -27,25 +27,24 @@ def main(argv: list[str] | None = None) -> int:
                         "heatmap and an overlay PNG per image and target, and scores.json / "
                         "scores.csv.")
     ex.add_argument("images", nargs="+", help="image files or folders of images")
-    ex.add_argument("--model", required=True,
-                    help="torchvision architecture name (e.g. resnet18) or 'module:callable'")
-    ex.add_argument("--weights", help="state_dict file (torch.save) to load into the model")
+    _model_options(ex, required=True)
     ex.add_argument("--composite", default="epsilon_gamma_box",
                     help="composite name (default epsilon_gamma_box)")
     ex.add_argument("--target", default="pred",
                     help="'pred' (predicted class), a class index, or 'topK' (e.g. top3)")
     ex.add_argument("--out", type=Path, default=Path("relprop-out"), help="output folder")
-    ex.add_argument("--size", type=int, default=224,
-                    help="resize/crop images to this side (0: keep as they are)")
-    ex.add_argument("--no-normalize", action="store_true",
-                    help="feed pixels in [0, 1] instead of ImageNet-normalised values")
     ex.add_argument("--batch-size", type=int, default=8, help="images per explanation batch")
-    ev = sub.add_parser("evaluate", help="faithfulness (region perturbation, AOPC) on MNIST",
-                        description="Region perturbation on real MNIST test digits with the "
-                        "shipped CNN: LRP composites vs gradient, gradient x input and random; "
-                        "writes an HTML report.")
-    ev.add_argument("--n", type=int, default=500, help="test digits to use (default 500)")
-    ev.add_argument("--patch", type=int, default=4, help="region side in pixels (default 4)")
+    ev = sub.add_parser("evaluate", help="faithfulness (region perturbation, AOPC) report",
+                        description="Region perturbation on your images with your model, or "
+                        "(given nothing) on real MNIST test digits with the shipped CNN: LRP "
+                        "composites vs gradient, gradient x input and random; writes an HTML "
+                        "report.")
+    ev.add_argument("images", nargs="*", help="image files or folders (needs --model)")
+    _model_options(ev, required=False)
+    ev.add_argument("--n", type=int, default=500, help="images / test digits to use (500)")
+    ev.add_argument("--patch", type=int, help="region side in pixels (default 4 on MNIST, "
+                    "else a 7x7 grid of regions)")
+    ev.add_argument("--batch-size", type=int, default=8, help="images per explanation batch")
     ev.add_argument("--out", type=Path, default=Path("relprop-out"), help="output folder")
     from .dataset.cli import add_parser as add_explain_dataset
 
@@ -59,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from .evaluate_cli import run_evaluate
 
-            run_evaluate(args.out, n=args.n, patch_size=args.patch)
+            if args.images or args.model:
+                from .evaluate_cli import run_evaluate_images
+
+                run_evaluate_images(args)
+            else:
+                run_evaluate(args.out, n=args.n, patch_size=args.patch or 4)
         elif args.command == "explain":
             from .explain_cli import run_explain
 
@@ -72,6 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relprop: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _model_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    """--model / --weights / --size / --no-normalize, shared by explain and evaluate."""
+    parser.add_argument("--model", required=required,
+                        help="torchvision name (e.g. resnet50), 'timm:NAME', 'hf:NAME_OR_PATH' "
+                        "(Hugging Face, local files) or 'module:callable'")
+    parser.add_argument("--weights", help="DEFAULT or a weights name (torchvision enum, e.g. "
+                        "IMAGENET1K_V2; timm tag), or a state_dict / checkpoint file")
+    parser.add_argument("--size", type=int, help="resize/crop images to this side (default "
+                        "224; 0: keep them as they are); named weights bring their own")
+    parser.add_argument("--no-normalize", action="store_true",
+                        help="feed pixels in [0, 1] instead of ImageNet-normalised values")
 
 
 if __name__ == "__main__":

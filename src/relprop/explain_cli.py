@@ -12,8 +12,8 @@ import torch
 
 from .errors import RelpropError
 from .explain import Explainer
-from .loading import image_files, load_model, read_image, to_input
-from .visualize import heatmap, overlay, save_png
+from .loading import LoadedModel, Preprocessing, image_files, load, plain_preprocessing
+from .visualize import heatmap, overlay, relevance_figure, save_png
 
 
 def parse_target(spec: str) -> tuple[str, int]:
@@ -28,18 +28,37 @@ def parse_target(spec: str) -> tuple[str, int]:
     raise RelpropError(f"--target {spec!r}: use 'pred', a class index, or 'topK' (e.g. top3)")
 
 
+def preprocessing_for(loaded: LoadedModel, args: Namespace) -> Preprocessing:
+    """What the weights declare, else --size / --no-normalize; says which options it ignores."""
+    declared = loaded.preprocessing
+    if declared is None:
+        size = 224 if args.size is None else args.size
+        return plain_preprocessing(size or None, normalize=not args.no_normalize)
+    ignored = [opt for opt, given in (("--size", args.size is not None),
+                                      ("--no-normalize", args.no_normalize)) if given]
+    if ignored:
+        print(f"relprop: {' and '.join(ignored)} ignored: {declared.source} declares its "
+              "preprocessing", file=sys.stderr)
+    return declared
+
+
+def class_name(categories: list[str] | None, cls: int) -> str:
+    return categories[cls] if categories is not None and 0 <= cls < len(categories) else ""
+
+
 def run_explain(args: Namespace) -> None:
     mode, k = parse_target(args.target)
     files = image_files(args.images)
-    model = load_model(args.model, args.weights)
-    size = args.size or None
+    loaded = load(args.model, args.weights)
+    model, names = loaded.model, loaded.categories
+    prep = preprocessing_for(loaded, args)
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     explainer = None
     for start in range(0, len(files), args.batch_size):
         batch_files = files[start:start + args.batch_size]
-        images = [read_image(f, size) for f in batch_files]
-        x, low, high = to_input(images, normalize=not args.no_normalize)
+        images = [prep.read(f) for f in batch_files]
+        x, low, high = prep.batch(images)
         if explainer is None:
             explainer = Explainer(model, composite=args.composite, low=low, high=high)
         with torch.no_grad():
@@ -60,10 +79,16 @@ def run_explain(args: Namespace) -> None:
                 stem = f"{f.stem}_class{cls}"
                 save_png(heatmap(rel, mode="percentile"), args.out / f"{stem}_heatmap.png")
                 save_png(overlay(images[i], rel), args.out / f"{stem}_overlay.png")
-                rows.append({"image": str(f), "target": cls, "rank": j + 1,
+                rows.append({"image": str(f), "target": cls,
+                             "class_name": class_name(names, cls), "rank": j + 1,
                              "logit": float(logits[i, cls]),
                              "relevance_sum": float(rel.sum()),
                              "explained": float(expl.explained[i, j])})
+            # one titled picture per image: the input and a heatmap per target
+            relevance_figure(expl.relevance[i:i + 1], targets[i:i + 1],
+                             expl.explained[i:i + 1], class_names=names,
+                             images=images[i:i + 1]).savefig(
+                args.out / f"{f.stem}_explained.png", dpi=100)
         done = min(start + args.batch_size, len(files))
         bar = "#" * int(30 * done / len(files))
         print(f"\rexplaining {done}/{len(files)} [{bar:<30}]", end="", file=sys.stderr,
@@ -74,5 +99,5 @@ def run_explain(args: Namespace) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {len(rows)} heatmaps and overlays, scores.json and scores.csv to "
-          f"{args.out.resolve()}")
+    print(f"wrote {len(rows)} heatmaps and overlays, {len(files)} titled pictures, "
+          f"scores.json and scores.csv to {args.out.resolve()}")
