@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .composites import Composite
 from .errors import InputError, TargetError
 
 ORDERS = ("morf", "lerf")
@@ -148,6 +151,33 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     ra, rb = _average_ranks(a.flatten(1)), _average_ranks(b.flatten(1))
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
     return (ra * rb).sum(1) / (ra.square().sum(1) * rb.square().sum(1)).sqrt()
+
+
+def quantus_explain_func(model: nn.Module, inputs: Any, targets: Any, *,
+                         composite: str | Composite | None = None, device: Any = None,
+                         **kwargs: Any) -> np.ndarray:
+    """relprop as a Quantus `explain_func`, so every Quantus metric scores LRP: numpy in,
+    numpy out.
+
+    Quantus calls explain_func(model=, inputs=, targets=, **explain_func_kwargs): the
+    composite, its parameters (low=, high=, epsilon=, ...) and explain()'s options
+    (start=, batch_size=) go in explain_func_kwargs. inputs: a (B, ...) array; targets:
+    (B,) class indices or one int. The inputs go to the model's device and dtype (Quantus'
+    `device` is used only for a model without parameters). Returns float32 relevance shaped
+    like inputs. The Explainer is built on every call because Quantus' randomisation
+    metrics change the weights between calls.
+    """
+    from .explain import DEFAULT_COMPOSITE, explain
+
+    param = next(model.parameters(), None)
+    on = param.device if param is not None else torch.device(device or "cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.as_tensor(np.asarray(inputs), dtype=dtype, device=on)
+    target = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=on).reshape(-1)
+    if target.numel() == 1:
+        target = target.expand(x.shape[0])
+    expl = explain(model, x, target, composite=composite or DEFAULT_COMPOSITE, **kwargs)
+    return expl.relevance.detach().float().cpu().numpy()
 
 
 # --- region perturbation internals ---------------------------------------------------------
