@@ -175,22 +175,33 @@ def test_timm_missing_weights_say_what_to_do(hf_cache) -> None:
 
 # --- Hugging Face ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory) -> Path:
-    """A tiny Hugging Face ResNet classifier and its image processor, saved to a folder."""
+LABELS = {0: "cat", 1: "dog", 2: "owl"}
+
+
+def save_hf_classifier(folder: Path, kind: str) -> Path:
+    """A tiny Hugging Face ResNet or ConvNeXt classifier and its image processor."""
     import transformers
 
-    folder = tmp_path_factory.mktemp("hf_resnet")
-    labels = {0: "cat", 1: "dog", 2: "owl"}
-    config = transformers.ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-        num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
+    labels = {"num_labels": 3, "id2label": LABELS,
+              "label2id": {v: k for k, v in LABELS.items()}}
     torch.manual_seed(4)
-    transformers.ResNetForImageClassification(config).save_pretrained(folder)
+    if kind == "resnet":
+        config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16],
+                                           depths=[1, 1], layer_type="basic", **labels)
+        transformers.ResNetForImageClassification(config).save_pretrained(folder)
+    else:
+        config = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1],
+                                             num_stages=2, **labels)
+        transformers.ConvNextForImageClassification(config).save_pretrained(folder)
     transformers.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875,
                                         image_mean=[0.4, 0.5, 0.6],
                                         image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    return save_hf_classifier(tmp_path_factory.mktemp("hf_resnet"), "resnet")
 
 
 def test_hf_classifier_from_a_folder(hf_folder, picture) -> None:
@@ -213,3 +224,19 @@ def test_hf_classifier_from_a_folder(hf_folder, picture) -> None:
 def test_hf_missing_model_is_one_clear_error(hf_cache) -> None:
     with pytest.raises(RelpropError, match="from local files.*save_pretrained"):
         load("hf:nobody/no-such-model")
+
+
+def test_hf_classifier_explained_from_the_command_line(tmp_path, picture) -> None:
+    folder = save_hf_classifier(tmp_path / "hf_convnext", "convnext")
+    out = tmp_path / "out"
+    assert main(["explain", str(picture), "--model", f"hf:{folder}", "--target", "top2",
+                 "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert [r["class_name"] for r in rows] == [LABELS[int(r["target"])] for r in rows]
+    loaded = load(f"hf:{folder}")
+    x, _, _ = loaded.preprocessing.batch([loaded.preprocessing.read(picture)])
+    with torch.no_grad():
+        logits = loaded.model(x)[0]
+    for r in rows:
+        assert float(r["logit"]) == pytest.approx(float(logits[int(r["target"])]), abs=1e-5)
+        assert np.isfinite(float(r["relevance_sum"]))
