@@ -10,7 +10,9 @@ while the parameters do not change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 import torch
@@ -194,11 +196,43 @@ def fold_batchnorm(
     return kernel.scale_outputs(w, scale), bias
 
 
+class Modifier(Enum):
+    """How a rule modifies a layer's weight and bias before applying it.
+
+    `modify(t, gamma)` gives the modified tensor; `gamma` matters only to the
+    GAMMA_* modifiers (the gamma rule's gamma).
+    """
+
+    PLAIN = "plain"  # w
+    POS = "pos"  # w+ = max(w, 0)
+    NEG = "neg"  # w- = min(w, 0)
+    SQUARE = "square"  # w^2 (w-square)
+    ONES = "ones"  # 1 (flat, fan-in counts, bias distribution)
+    GAMMA_POS = "gamma_pos"  # w + gamma w+
+    GAMMA_NEG = "gamma_neg"  # w + gamma w-
+    GAMMA_ABS = "gamma_abs"  # gamma / (2 + gamma) |w| (gamma's fused form on signed inputs)
+
+    def modify(self, t: Tensor, gamma: float = 0.0) -> Tensor:
+        return _MODIFY[self](t, gamma)
+
+
+_MODIFY: dict[Modifier, Callable[[Tensor, float], Tensor]] = {
+    Modifier.PLAIN: lambda t, g: t,
+    Modifier.POS: lambda t, g: t.clamp(min=0),
+    Modifier.NEG: lambda t, g: t.clamp(max=0),
+    Modifier.SQUARE: lambda t, g: t * t,
+    Modifier.ONES: lambda t, g: torch.ones_like(t),
+    Modifier.GAMMA_POS: lambda t, g: t + g * t.clamp(min=0),
+    Modifier.GAMMA_NEG: lambda t, g: t + g * t.clamp(max=0),
+    Modifier.GAMMA_ABS: lambda t, g: t.abs() * (g / (2 + g)),
+}
+
+
 class LayerWeights:
     """A layer's detached weight and bias, with modified copies made on first use.
 
     Rules ask for `w+`, `w-`, `w^2`, `1` (flat), `w+gamma*w+`, and the matching
-    bias parts by name; each is computed once per parameter version.
+    bias parts by `Modifier`; each is computed once per parameter version.
     """
 
     def __init__(self, w: Tensor, b: Tensor | None) -> None:
@@ -207,36 +241,16 @@ class LayerWeights:
         self._cache: dict[tuple, Tensor | None] = {}
         self.extra: dict[object, Tensor] = {}  # rules' own per-weights caches (z-box maps)
 
-    def weight(self, mod: str, gamma: float = 0.0) -> Tensor:
+    def weight(self, mod: Modifier, gamma: float = 0.0) -> Tensor:
         key = ("w", mod, gamma)
         if key not in self._cache:
-            self._cache[key] = _modify(self.w, mod, gamma)
+            self._cache[key] = mod.modify(self.w, gamma)
         return self._cache[key]  # type: ignore[return-value]
 
-    def bias(self, mod: str, gamma: float = 0.0) -> Tensor | None:
+    def bias(self, mod: Modifier, gamma: float = 0.0) -> Tensor | None:
         if self.b is None:
             return None
         key = ("b", mod, gamma)
         if key not in self._cache:
-            self._cache[key] = _modify(self.b, mod, gamma)
+            self._cache[key] = mod.modify(self.b, gamma)
         return self._cache[key]
-
-
-def _modify(t: Tensor, mod: str, gamma: float) -> Tensor:
-    if mod == "plain":
-        return t
-    if mod == "pos":
-        return t.clamp(min=0)
-    if mod == "neg":
-        return t.clamp(max=0)
-    if mod == "square":
-        return t * t
-    if mod == "ones":
-        return torch.ones_like(t)
-    if mod == "gamma_pos":  # w + gamma * w+
-        return t + gamma * t.clamp(min=0)
-    if mod == "gamma_neg":  # w + gamma * w-
-        return t + gamma * t.clamp(max=0)
-    if mod == "gamma_abs":  # gamma / (2 + gamma) |w|: see relprop.fused
-        return t.abs() * (gamma / (2 + gamma))
-    raise KeyError(mod)

@@ -29,11 +29,11 @@ from .functions import (
     StabilisedRatio,
     Tap,
 )
-from .fused import RELU, Activation, FusedLayer, LeanMaxPool, ProportionalRelu, fusable
+from .fused import RELU, Activation, FusedLayer, LeanMaxPool, ProportionalRelu
 from .layers import LayerWeights, fold_batchnorm
 from .optable import Kind, OpSpec, node_location
 from .recurrent import RecurrentRule, run_aten_cell, run_recurrent
-from .rules import BoundLayer, Epsilon, Flat, Rule, Tally, WSquare, ZBox
+from .rules import BoundLayer, Rule, Tally
 from .shadow import MAX_POOLS, Role, is_binary_sum, plan_shadows, zero_preserving
 from .trace import TracedModel, attribute
 
@@ -61,11 +61,6 @@ def _resolve(value: Any, env: list[Any], tap: Callable[[int, Any], Any] | None) 
         return slice(_resolve(value.start, env, tap), _resolve(value.stop, env, tap),
                      _resolve(value.step, env, tap))
     return value
-
-
-def hands_out_directly(rule: Rule) -> bool:
-    """Rules that hand out relevance not proportional to the input value (relprop.shadow)."""
-    return isinstance(rule, ZBox | Flat | WSquare) or rule.bias == "distribute"
 
 
 class LayerCall:
@@ -218,7 +213,7 @@ class Program:
                          "top_k": composite.top_k}
                 step.rule = rule
                 step.call = LayerCall(s, rule, flags)
-                step.producer = hands_out_directly(rule)
+                step.producer = rule.hands_out_directly
             elif s is not None:
                 step.call = _step_call(s, composite)
                 step.producer = s.kind is Kind.ELEMENTWISE and _revives_zeros(node)
@@ -524,17 +519,17 @@ def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Nod
             continue
         if step.producer:  # z-box at the input: its ReLU can still join it
             follower = _sole_activation(nodes[i])
-            if isinstance(step.rule, ZBox) and follower is not None and follower[1] == RELU \
+            if step.rule.takes_relu_inside and follower is not None and follower[1] == RELU \
                     and index[follower[0]] not in shadowed:
                 step.fast = functools.partial(step.call, relu_after=True)
                 steps[index[follower[0]]].fast = _passthrough
             continue
         rule = step.rule
         node = nodes[i]
-        if isinstance(rule, Epsilon) and rule.epsilon == 0 and rule.bias == "absorb":
+        if rule.is_plain_gradient:
             step.fast = step.call.plain  # LRP-0: the plain gradient, exactly
             continue
-        if not fusable(rule, node.args[0] in nonneg) or spec(node).kernel.kind == "affine":
+        if not rule.fusable(node.args[0] in nonneg) or spec(node).kernel.kind == "affine":
             continue
         follower = _sole_activation(node)
         if follower is None or index[follower[0]] in shadowed:
