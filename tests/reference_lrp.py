@@ -8,15 +8,21 @@ Z_ij = x_i w_ij the rule's formula of ../shared/RULES.md is evaluated term by
 term: forward, divide, transpose, multiply. No autograd, no shortcuts.
 Bias handling (`"bias"` in a rule: absorb, ignore, distribute) as RULES.md
 defines it, with n_j the number of inputs connected to output j.
+
+Each rule's reference is tied to the relprop rule classes it checks by
+`@replicates(...)`; test_reference.py fails for a public rule without one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from relprop import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
 
 EPS = 1e-6
 
@@ -46,68 +52,161 @@ def affine_from(fn, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     return cols.T.copy(), b
 
 
-def rule_relevance(rule: dict, x: np.ndarray, W: np.ndarray, b: np.ndarray,
-                   R: np.ndarray, conn: np.ndarray | None = None) -> np.ndarray:
-    """Input relevance of one dense layer z = W x + b for one sample, term by term.
+# Rule class -> its reference; rule name (the classes' `name`, "lrp0") -> reference.
+REFERENCES: dict[type[Rule], Callable[[dict, Dense], np.ndarray]] = {}
+_BY_NAME: dict[str, Callable[[dict, Dense], np.ndarray]] = {}
+
+
+def replicates(*rules: type[Rule], aliases: tuple[str, ...] = ()):
+    """Tie a reference to the rule classes it checks (after Zennit's rule tests): a
+    public rule without one fails test_reference.py. Rules given as dicts find their
+    reference by the classes' `name` (or an alias)."""
+    def tie(fn):
+        for cls in rules:
+            REFERENCES[cls] = fn
+            _BY_NAME.setdefault(cls.name, fn)
+        for alias in aliases:
+            _BY_NAME[alias] = fn
+        fn.replicates = rules
+        return fn
+    return tie
+
+
+@dataclass
+class Dense:
+    """One dense layer z = W x + b for one sample, with the relevance R at z.
 
     `conn` is the layer with every weight 1 and no bias (default: W != 0); its
     column sums n_j count the inputs each output is connected to.
     """
-    name = rule["name"]
+
+    x: np.ndarray
+    W: np.ndarray
+    b: np.ndarray
+    R: np.ndarray
+    conn: np.ndarray | None
+    mode: str  # bias handling: absorb, ignore, distribute
+
+    @property
+    def keep(self) -> bool:
+        """The bias stays in the denominators."""
+        return self.mode != "ignore"
+
+    @property
+    def Wt(self) -> np.ndarray:  # noqa: N802
+        """(in, out): w_ij with i input, j output."""
+        return self.W.T
+
+    @property
+    def C(self) -> np.ndarray:  # noqa: N802
+        return ((self.W != 0) if self.conn is None else self.conn).T.astype(float)
+
+    def shares(self, v: np.ndarray) -> np.ndarray | float:
+        """distribute: output j's bias relevance v_j, b_j / n_j to each connected input."""
+        if self.mode != "distribute":
+            return 0.0
+        C = self.C
+        n = C.sum(0)
+        return (C * (v / np.where(n == 0, 1.0, n))[None]).sum(1)
+
+
+def as_dict(rule: dict | Rule) -> dict:
+    """A rule given as a relprop rule object, as the reference's dict of parameters."""
+    if isinstance(rule, dict):
+        return rule
+    return {"name": type(rule).name, **{f.name: getattr(rule, f.name) for f in fields(rule)}}
+
+
+def reference_for(rule: dict | Rule) -> Callable[[dict, Dense], np.ndarray]:
+    if isinstance(rule, dict):
+        return _BY_NAME[rule["name"]]
+    return REFERENCES[type(rule)]
+
+
+def rule_relevance(rule: dict | Rule, x: np.ndarray, W: np.ndarray, b: np.ndarray,
+                   R: np.ndarray, conn: np.ndarray | None = None) -> np.ndarray:
+    """Input relevance of one dense layer z = W x + b for one sample, term by term.
+
+    `rule`: a relprop rule object, or a dict {"name": ..., parameters} ("lrp0":
+    epsilon without stabilizer). `conn`: see `Dense`.
+    """
+    params = as_dict(rule)
+    layer = Dense(x, W, b, R, conn, params.get("bias", "absorb"))
+    return reference_for(rule)(params, layer)
+
+
+@replicates(Epsilon, LRP0, aliases=("lrp0",))
+def epsilon_reference(rule: dict, d: Dense) -> np.ndarray:
+    """Z_ij = x_i w_ij, R_i = sum_j Z_ij R_j / stab(z_j) (epsilon 0: no stabilizer)."""
+    eps = 0.0 if rule["name"] == "lrp0" else rule.get("epsilon", EPS)
+    Z = d.x[:, None] * d.Wt
+    z = Z.sum(0) + d.b
+    D = z if d.keep else z - d.b
+    s = d.R / (np.where(D == 0, 1.0, D) if eps == 0 else stab(D, eps))
+    return (Z * s[None]).sum(1) + d.shares(d.b * s)
+
+
+@replicates(AlphaBeta, ZPlus)
+def alpha_beta_reference(rule: dict, d: Dense) -> np.ndarray:
+    """alpha sum_j Z+_ij R_j / stab(P_j) - beta sum_j Z-_ij R_j / stab(N_j)."""
+    a, be = rule["alpha"], rule["beta"]
     eps = rule.get("epsilon", EPS)
-    mode = rule.get("bias", "absorb")
-    keep = mode != "ignore"  # bias in the denominators
-    Wt = W.T  # (in, out): w_ij with i input, j output
-    C = ((W != 0) if conn is None else conn).T.astype(float)  # (in, out)
-    n = C.sum(0)
+    x, Wt, b = d.x, d.Wt, d.b
     xp, xn = np.maximum(x, 0), np.minimum(x, 0)
     wp, wn = np.maximum(Wt, 0), np.minimum(Wt, 0)
     bp, bn = np.maximum(b, 0), np.minimum(b, 0)
+    Zp = xp[:, None] * wp + xn[:, None] * wn
+    Zn = xp[:, None] * wn + xn[:, None] * wp
+    P = Zp.sum(0) + (bp if d.keep else 0.0)
+    N = Zn.sum(0) + (bn if d.keep else 0.0)
+    sp, sn = d.R / stab(P, eps), d.R / stab(N, eps)
+    return a * (Zp * sp[None]).sum(1) - be * (Zn * sn[None]).sum(1) + \
+        d.shares(a * bp * sp - be * bn * sn)
 
-    def shares(v: np.ndarray) -> np.ndarray | float:
-        """distribute: output j's bias relevance v_j, b_j / n_j to each connected input."""
-        if mode != "distribute":
-            return 0.0
-        return (C * (v / np.where(n == 0, 1.0, n))[None]).sum(1)
 
-    if name in ("lrp0", "epsilon"):
-        Z = x[:, None] * Wt
-        z = Z.sum(0) + b
-        D = z if keep else z - b
-        s = R / (np.where(D == 0, 1.0, D) if name == "lrp0" else stab(D, eps))
-        return (Z * s[None]).sum(1) + shares(b * s)
-    if name == "alpha_beta":
-        a, be = rule["alpha"], rule["beta"]
-        Zp = xp[:, None] * wp + xn[:, None] * wn
-        Zn = xp[:, None] * wn + xn[:, None] * wp
-        P = Zp.sum(0) + (bp if keep else 0.0)
-        N = Zn.sum(0) + (bn if keep else 0.0)
-        sp, sn = R / stab(P, eps), R / stab(N, eps)
-        return a * (Zp * sp[None]).sum(1) - be * (Zn * sn[None]).sum(1) + \
-            shares(a * bp * sp - be * bn * sn)
-    if name == "gamma":
-        g = rule["gamma"]
-        z = (x[:, None] * Wt).sum(0) + b
-        Zp = xp[:, None] * (Wt + g * wp) + xn[:, None] * (Wt + g * wn)
-        Zn = xp[:, None] * (Wt + g * wn) + xn[:, None] * (Wt + g * wp)
-        P = Zp.sum(0) + ((b + g * bp) if keep else 0.0)
-        N = Zn.sum(0) + ((b + g * bn) if keep else 0.0)
-        sp = np.where(z > 0, R, 0.0) / stab(P, eps)
-        sn = np.where(z < 0, R, 0.0) / stab(N, eps)
-        return (Zp * sp[None]).sum(1) + (Zn * sn[None]).sum(1) + \
-            shares((b + g * bp) * sp + (b + g * bn) * sn)
-    if name == "flat":  # every weight 1, no bias: spread over the connected inputs
-        return (C / stab(n, eps)[None] * R[None]).sum(1)
-    if name == "wsquare":
-        W2 = Wt**2
-        s = R / stab(W2.sum(0) + (b**2 if keep else 0.0), eps)
-        return (W2 * s[None]).sum(1) + shares(b**2 * s)
-    if name == "zbox":
-        lo = np.broadcast_to(rule["low"], x.shape)
-        hi = np.broadcast_to(rule["high"], x.shape)
-        Z = x[:, None] * Wt - lo[:, None] * wp - hi[:, None] * wn
-        return (Z / stab(Z.sum(0), eps)[None] * R[None]).sum(1)
-    raise KeyError(name)
+@replicates(Gamma)
+def gamma_reference(rule: dict, d: Dense) -> np.ndarray:
+    """Generalised gamma: contributions with the output's sign weighted (1 + gamma)."""
+    g = rule["gamma"]
+    eps = rule.get("epsilon", EPS)
+    x, Wt, b = d.x, d.Wt, d.b
+    xp, xn = np.maximum(x, 0), np.minimum(x, 0)
+    wp, wn = np.maximum(Wt, 0), np.minimum(Wt, 0)
+    bp, bn = np.maximum(b, 0), np.minimum(b, 0)
+    z = (x[:, None] * Wt).sum(0) + b
+    Zp = xp[:, None] * (Wt + g * wp) + xn[:, None] * (Wt + g * wn)
+    Zn = xp[:, None] * (Wt + g * wn) + xn[:, None] * (Wt + g * wp)
+    P = Zp.sum(0) + ((b + g * bp) if d.keep else 0.0)
+    N = Zn.sum(0) + ((b + g * bn) if d.keep else 0.0)
+    sp = np.where(z > 0, d.R, 0.0) / stab(P, eps)
+    sn = np.where(z < 0, d.R, 0.0) / stab(N, eps)
+    return (Zp * sp[None]).sum(1) + (Zn * sn[None]).sum(1) + \
+        d.shares((b + g * bp) * sp + (b + g * bn) * sn)
+
+
+@replicates(Flat)
+def flat_reference(rule: dict, d: Dense) -> np.ndarray:
+    """Every weight 1, no bias: spread over the connected inputs."""
+    C = d.C
+    return (C / stab(C.sum(0), rule.get("epsilon", EPS))[None] * d.R[None]).sum(1)
+
+
+@replicates(WSquare)
+def wsquare_reference(rule: dict, d: Dense) -> np.ndarray:
+    """R_i = sum_j w_ij^2 R_j / stab(sum_i' w_i'j^2 (+ b_j^2))."""
+    W2 = d.Wt**2
+    s = d.R / stab(W2.sum(0) + (d.b**2 if d.keep else 0.0), rule.get("epsilon", EPS))
+    return (W2 * s[None]).sum(1) + d.shares(d.b**2 * s)
+
+
+@replicates(ZBox)
+def zbox_reference(rule: dict, d: Dense) -> np.ndarray:
+    """Z_ij = x_i w_ij - low_i w+_ij - high_i w-_ij, R_i = sum_j Z_ij R_j / stab(z_j)."""
+    x, Wt = d.x, d.Wt
+    lo = np.broadcast_to(rule["low"], x.shape)
+    hi = np.broadcast_to(rule["high"], x.shape)
+    Z = x[:, None] * Wt - lo[:, None] * np.maximum(Wt, 0) - hi[:, None] * np.minimum(Wt, 0)
+    return (Z / stab(Z.sum(0), rule.get("epsilon", EPS))[None] * d.R[None]).sum(1)
 
 
 def propagate(layers_fn, x: np.ndarray, target: int, rules: list[dict],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference_lrp import Layer, affine_from, maxpool_layer, propagate
+from reference_lrp import REFERENCES, Layer, affine_from, maxpool_layer, propagate
 from torch import nn
 
 import relprop
@@ -118,3 +118,32 @@ def test_cnn_matches_reference(composite: str) -> None:
                         rules_for(composite, 3), sum_eps=0.0 if composite == "lrp0" else 1e-6)
         np.testing.assert_allclose(expl.relevance[i].reshape(-1).numpy(), ref, rtol=1e-6,
                                    atol=1e-9)
+
+
+def public_rules() -> list[type[relprop.Rule]]:
+    """Every rule class relprop exports (relprop.Rule itself aside)."""
+    names = set(relprop.__all__) | {n for n in vars(relprop) if not n.startswith("_")}
+    found = {getattr(relprop, n) for n in names}
+    return sorted((c for c in found if isinstance(c, type) and issubclass(c, relprop.Rule)
+                   and c is not relprop.Rule), key=lambda c: c.__name__)
+
+
+def test_every_public_rule_has_a_reference() -> None:
+    """A rule lands with its slow reference: `@replicates(TheRule)` in reference_lrp.py."""
+    assert len(public_rules()) >= 8
+    missing = [c.__name__ for c in public_rules() if c not in REFERENCES]
+    assert not missing, f"rules without a reference in tests/reference_lrp.py: {missing}"
+
+
+@pytest.mark.parametrize("rule_class", public_rules(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bias", ["absorb", "ignore", "distribute"])
+def test_every_public_rule_matches_its_reference(rule_class, bias: str) -> None:
+    """Each rule, with its default parameters, on every layer of an MLP with biases,
+    against the reference its class is tied to (the rule object itself is handed over)."""
+    rule = rule_class(bias=bias)
+    model = mlp(biases=True)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    expl = relprop.explain(model, x, composite=relprop.Composite(default=rule))
+    for i in range(len(x)):
+        ref = propagate(mlp_layers(model), x[i].numpy(), int(expl.target[i]), [rule] * 3)
+        np.testing.assert_allclose(expl.relevance[i].numpy(), ref, rtol=1e-6, atol=1e-9)
