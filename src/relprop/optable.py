@@ -22,6 +22,10 @@ Families:
 - NORM: LayerNorm: mean-centering is linear (LRP-0), the division by the
   standard deviation is held constant, the affine part takes epsilon.
 - META: shapes, sizes and other non-tensor values.
+
+Padding (every nn.*Pad*d module, F.pad in every mode, a conv's padding_mode) is
+F.pad, a GRADIENT move; in-place ops run as their out-of-place twins. Both are
+graph passes in relprop.canonize (normalize_padding, out_of_place).
 """
 
 from __future__ import annotations
@@ -212,6 +216,8 @@ def functionalize(graph: fx.Graph, root: nn.Module, leaves: dict[str, str] | Non
                 f"{type(module).__module__}.{type(module).__name__}"
             )
         fn, args, kwargs = new
+        if getattr(module, "inplace", False) is True:  # nn.ReLU(inplace=True), nn.Dropout(...)
+            node.meta["relprop_inplace"] = True  # canonize.out_of_place redirects later reads
         node.op = "call_function"
         node.target = fn
         node.args = tuple(args)
@@ -249,14 +255,14 @@ def _module_as_function(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str,
         return F.linear, (x, w, b), {}
     for cls, nd in _CONV_MODULES.items():
         if isinstance(m, cls):
-            if m.padding_mode != "zeros":
-                raise UnsupportedOperationError(
-                    f"padding_mode={m.padding_mode!r} at {node_location(node)}: only zero padding "
-                    "has a rule")
             w, = p("weight")
             b = p("bias")[0] if m.bias is not None else None
-            pad = m.padding if not isinstance(m.padding, str) else _conv_padding(
-                m.padding, nd, m.weight.shape, m.dilation, node_location(node))
+            if m.padding_mode != "zeros":  # torch's own Conv: F.pad, then an unpadded conv
+                x = _padding_node(graph, node, x, m, path)
+                pad: Any = (0,) * nd
+            else:
+                pad = m.padding if not isinstance(m.padding, str) else _conv_padding(
+                    m.padding, nd, m.weight.shape, m.dilation, node_location(node))
             return _CONV_FUNCTIONS_BY_NDIM[nd], (x, w, b, m.stride, pad, m.dilation, m.groups), {}
     for cls, nd in _CONV_T_MODULES.items():
         if isinstance(m, cls):
@@ -270,6 +276,10 @@ def _module_as_function(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str,
         w = p("weight")[0] if m.weight is not None else None
         b = p("bias")[0] if m.bias is not None else None
         return F.batch_norm, (x, rm, rv, w, b, False, 0.0, m.eps), {}
+    if isinstance(m, tuple(_PAD_MODULES)):
+        mode = _PAD_MODULES[next(c for c in _PAD_MODULES if isinstance(m, c))]
+        value = float(m.value) if mode == "constant" else None
+        return F.pad, (x, tuple(m.padding), mode, value), {}
     simple = _SIMPLE_MODULES.get(type(m))
     if simple is not None:
         fn, attrs = simple
@@ -311,6 +321,30 @@ def _module_as_function(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str,
 
 
 _CONV_FUNCTIONS_BY_NDIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# padding modules (ZeroPad*d are ConstantPad*d) -> F.pad's mode
+_PAD_MODULES: dict[type, str] = {
+    nn.modules.padding._ConstantPadNd: "constant",
+    nn.modules.padding._ReflectionPadNd: "reflect",
+    nn.modules.padding._ReplicationPadNd: "replicate",
+    nn.modules.padding._CircularPadNd: "circular",
+}
+
+
+def _padding_node(graph: fx.Graph, node: fx.Node, x: Any, m: nn.Module, path: str) -> fx.Node:
+    """The F.pad node that a conv with padding_mode reflect/replicate/circular runs first.
+
+    Exactly what torch's Conv does (`_reversed_padding_repeated_twice`, also for
+    padding="same"); the conv then runs unpadded, and the pad moves relevance
+    back to the inputs it copied.
+    """
+    pads = tuple(m._reversed_padding_repeated_twice)
+    with graph.inserting_before(node):
+        padded = graph.call_function(F.pad, (x, pads, m.padding_mode, None))
+    padded.meta.update({k: v for k, v in node.meta.items() if k in (
+        "nn_module_stack", "stack_trace")})
+    padded.meta["relprop_path"] = path
+    padded.meta["relprop_label"] = f"{type(m).__name__} padding_mode={m.padding_mode!r}"
+    return padded
 
 
 def _conv_transpose_call(graph: fx.Graph, node: fx.Node, m: nn.Module, path: str, x: Any,
@@ -379,7 +413,8 @@ _PURE_MOVE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "con
                       "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as", "movedim",
                       "swapaxes", "t", "clone"}
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-            F.feature_alpha_dropout}
+            F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+            torch.feature_alpha_dropout}
 _SUM_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub, operator.iadd,
                   operator.isub, torch.sum, torch.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
@@ -523,7 +558,8 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
         return OpSpec(Kind.GRADIENT, label, path, fn=run(_without_inplace(meaning)),
                       zero_below=True, nonneg="always")
     if meaning in _MOVE_FUNCTIONS:
-        nonneg = "never" if meaning in (F.leaky_relu, F.pad) else "preserve"
+        nonneg = "never" if meaning is F.leaky_relu or (
+            meaning is F.pad and not _pad_keeps_sign(node)) else "preserve"
         return OpSpec(Kind.GRADIENT, label, path, fn=run(_without_inplace(meaning)),
                       nonneg=nonneg, pure_move=meaning in _PURE_MOVES)
     if meaning in _DROPOUT or _is_stochastic_depth(meaning):
@@ -614,6 +650,22 @@ def _aten_alias(op: Any, like: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _ALIASES: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def pad_arguments(node: fx.Node) -> tuple[Any, Any, str, Any]:
+    """(input, pad, mode, value) of an F.pad node, defaults filled in."""
+    names = ("input", "pad", "mode", "value")
+    a = dict(zip(names, node.args, strict=False))
+    a.update({k: v for k, v in node.kwargs.items() if k in names})
+    return a["input"], a["pad"], a.get("mode", "constant"), a.get("value")
+
+
+def _pad_keeps_sign(node: fx.Node) -> bool:
+    """Padding copies inputs (reflect/replicate/circular) or adds zeros: output >= 0 if the
+    input is; a negative constant pad value breaks that."""
+    _, _, mode, value = pad_arguments(node)
+    return mode != "constant" or value is None or (
+        isinstance(value, int | float) and value >= 0)
 
 
 def _family_spec(family: str, fn: Callable[..., Any], label: str, path: str) -> OpSpec:
