@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", type=Path, default=Path("relprop-out"), help="output folder")
     from .dataset.cli import add_parser as add_explain_dataset
 
-    add_explain_dataset(sub)
+    add_explain_dataset(sub, _model_options)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":

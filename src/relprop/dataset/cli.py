@@ -1,6 +1,7 @@
 """`relprop explain-dataset`: a folder of images (or an ImageFolder tree) to shards.
 
-Model, weights and image reading are those of `relprop explain` (relprop.loading).
+Model, weights and preprocessing are those of `relprop explain` (relprop.loading: torchvision
+names with --weights DEFAULT, timm:, hf:, module:callable, state_dict files).
 Under torchrun every rank runs this same command; rank 0 prints the summary.
 """
 
@@ -9,21 +10,23 @@ from __future__ import annotations
 import argparse
 import sys
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import RelpropError
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction,
+               model_options: Callable[[argparse.ArgumentParser, bool], None]) -> None:
+    """The subcommand, with the --model / --weights / --size / --no-normalize options of
+    `relprop explain` (model_options adds them)."""
     p = sub.add_parser(
         "explain-dataset", help="explain every image of a folder into resumable shards",
         description="Explain every image of a folder (flat, or one sub-folder per class "
         "like ImageFolder) into safetensors shards plus manifest.json. Running it again "
         "resumes; under torchrun the ranks share the work.")
     p.add_argument("folder", help="folder of images, or of class sub-folders of images")
-    p.add_argument("--model", required=True,
-                   help="torchvision architecture name (e.g. resnet50) or 'module:callable'")
-    p.add_argument("--weights", help="state_dict file (torch.save) to load into the model")
+    model_options(p, True)
     p.add_argument("--out", type=Path, required=True, help="output folder for the shards")
     p.add_argument("--composite", default="epsilon_gamma_box",
                    help="composite name (default epsilon_gamma_box)")
@@ -38,16 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "channels,pool:K")
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"],
                    help="relevance on disk (default float32)")
-    p.add_argument("--size", type=int, default=224,
-                   help="resize/crop images to this side (0: keep as they are)")
-    p.add_argument("--no-normalize", action="store_true",
-                   help="feed pixels in [0, 1] instead of ImageNet-normalised values")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: Namespace) -> None:
-    from ..loading import load_model
+    from ..explain_cli import preprocessing_for
+    from ..loading import load
     from .images import ImageFiles
     from .run import explain_dataset
 
@@ -56,10 +56,11 @@ def run(args: Namespace) -> None:
         if not str(target).isdigit():
             raise RelpropError(f"--target {target!r}: use 'pred', 'label' or a class index")
         target = int(target)
-    dataset = ImageFiles(args.folder, size=args.size or None, normalize=not args.no_normalize)
+    loaded = load(args.model, args.weights)  # as `relprop explain` loads it
+    dataset = ImageFiles(args.folder, preprocessing=preprocessing_for(loaded, args))
     if target == "label" and not dataset.classes:
         raise RelpropError(f"--target label needs class sub-folders in {args.folder}")
-    model = load_model(args.model, args.weights)
+    model = loaded.model
     low, high = dataset.bounds
     summary = explain_dataset(
         model, dataset, args.out, args.composite, target=target, batch_size=args.batch_size,
