@@ -139,7 +139,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from dataset_models import CountingFiles, tiny_cnn
 from relprop.dataset import explain_dataset
-ds = CountingFiles({folder!r}, delay=0.08)
+ds = CountingFiles({folder!r}, delay=0.15)
 explain_dataset(tiny_cnn(), ds, {out!r}, batch_size={batch}, shard_size={shard},
                 progress=False, low=ds.bounds[0], high=ds.bounds[1])
 """

@@ -7,6 +7,7 @@ time, so a 50,000-sample run is summarised in the memory of one shard.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,8 @@ class Explanations:
         if any(means[c].dim() not in (2, 3) for c in keys):
             raise RelpropError("class_grid needs image relevance (C, H, W) or (H, W)")
         pictures = [heatmap(means[c], cmap=cmap) for c in keys]
-        titles = [f"{names[c] if 0 <= c < len(names) else c} (n={self.count(by, c)})"
-                  for c in keys]
+        counts = Counter(r[by] for r in self._rows.values())
+        titles = [f"{names[c] if 0 <= c < len(names) else c} (n={counts[c]})" for c in keys]
         rows = [pictures[i:i + columns] for i in range(0, len(pictures), columns)]
         if len(rows) == 1:
             return save_grid(rows, path, col_titles=titles)
@@ -119,6 +120,7 @@ class Explanations:
                          row_titles=[titles[i] for i in range(0, len(titles), columns)])
 
     def count(self, by: str, c: int) -> int:
+        """Samples whose label (or target) is c."""
         return sum(1 for r in self._rows.values() if r[by] == c)
 
     def close(self) -> None:
