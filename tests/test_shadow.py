@@ -198,3 +198,22 @@ def test_the_shadow_passes_a_gate_to_the_signal() -> None:
     torch.testing.assert_close(expl.relevance.sum((1, 2, 3)), expl.explained, rtol=1e-6,
                                atol=1e-9)
     assert expl.ledger.totals()["other"].abs().max() < 1e-9
+
+
+def test_a_shadow_with_nothing_below_falls_back_to_gradient_form() -> None:
+    """flat after a LayerNorm (which the shadow cannot cross) through a permute: the
+    relevance must still reach the input in gradient form, not vanish on a dead shadow."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+            self.conv = nn.Conv2d(4, 3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.conv(y).sum((2, 3))
+
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    expl = relprop.explain(Block().double().eval(), x, target=0, composite="flat", **TINY)
+    assert expl.relevance.abs().sum() > 0

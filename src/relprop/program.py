@@ -29,7 +29,7 @@ from .functions import (
     StabilisedRatio,
     Tap,
 )
-from .fused import RELU, Activation, FusedLayer, LeanMaxPool, ProportionalRelu
+from .fused import RELU, Activation, FusedLayer, LeanMaxPool, ProportionalRelu, fused_direct
 from .layers import LayerWeights, fold_batchnorm
 from .optable import Kind, OpSpec, node_location
 from .recurrent import RecurrentRule, run_aten_cell, run_recurrent
@@ -319,6 +319,11 @@ class Program:
                 if step.producer or step.shadow_out:
                     value, shadows[i] = self._run_shadowed(i, step, args, kwargs, env, shadows,
                                                            rec)
+                    if step.role in (Role.MOVE, Role.SCALE, Role.POOL) and \
+                            not _carries(shadows[i]):
+                        # nothing below takes relevance from this shadow (a LayerNorm feeds
+                        # it): without one the consumer falls back to gradient form
+                        shadows[i] = None
                 else:
                     call = step.fast if (rec is None and step.fast is not None) else step.call
                     value = call(*args, **kwargs)
@@ -517,25 +522,25 @@ def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Nod
             continue
         if step.shadow_out:
             continue
-        if step.producer:  # z-box at the input: its ReLU can still join it
-            follower = _sole_activation(nodes[i])
-            if step.rule.takes_relu_inside and follower is not None and follower[1] == RELU \
-                    and index[follower[0]] not in shadowed:
+        rule = step.rule
+        node = nodes[i]
+        follower = _sole_activation(node)
+        if follower is not None and index[follower[0]] in shadowed:
+            follower = None
+        if step.producer and rule.takes_relu_inside:  # z-box at the input: its ReLU joins it
+            if follower is not None and follower[1] == RELU:
                 step.fast = functools.partial(step.call, relu_after=True)
                 steps[index[follower[0]]].fast = _passthrough
             continue
-        rule = step.rule
-        node = nodes[i]
         if rule.is_plain_gradient:
             step.fast = step.call.plain  # LRP-0: the plain gradient, exactly
             continue
         if not rule.fusable(node.args[0] in nonneg) or spec(node).kernel.kind == "affine":
             continue
-        follower = _sole_activation(node)
-        if follower is None or index[follower[0]] in shadowed:
-            step.fast = functools.partial(step.call.fused, None)
-        else:
-            step.fast = functools.partial(step.call.fused, follower[1])
+        fused = functools.partial(step.call.fused, None if follower is None else follower[1])
+        # flat, w-square: relevance to the input's shadow (relprop.fused.fused_direct)
+        step.fast = functools.partial(fused_direct, step.call, fused) if step.producer else fused
+        if follower is not None:
             steps[index[follower[0]]].fast = _passthrough
 
 
@@ -636,6 +641,15 @@ def _refs(value: Any) -> list[_Ref]:
     found: list[_Ref] = []
     _map_refs(value, lambda r: found.append(r) or r)
     return found
+
+
+def _carries(shadow: Any) -> bool:
+    """Whether relevance put on this shadow reaches anything (it has a backward path)."""
+    if isinstance(shadow, Tensor):
+        return shadow.requires_grad
+    if isinstance(shadow, tuple | list):
+        return any(_carries(e) for e in shadow)
+    return False
 
 
 def _zeros_like(v: Any) -> Any:
