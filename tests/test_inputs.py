@@ -199,3 +199,29 @@ def test_several_inputs_get_one_relevance_each() -> None:
 def test_an_empty_batch_is_refused_with_a_message_that_says_so() -> None:
     with pytest.raises(relprop.InputError, match="the batch is empty"):
         relprop.explain(Unmasked().eval(), torch.randn(0, 4))
+
+
+def test_unused_var_keyword_parameters_are_no_input() -> None:
+    """forward(x, **kwargs) (Hugging Face style) explains with x alone."""
+
+    class Kw(Unmasked):
+        def forward(self, x, **kwargs):
+            return self.out(torch.relu(self.fc(x)))
+
+    model = Kw().eval()
+    x = torch.randn(2, 4)
+    got = relprop.explain(model, x, target=0, composite="epsilon")
+    plain = Unmasked().eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(got.relevance, relprop.explain(plain, x, target=0,
+                                                              composite="epsilon").relevance)
+
+
+def test_an_exported_module_explains() -> None:
+    """torch.export's module refuses .eval(); tracing sets the flags directly."""
+    model = Unmasked().eval()
+    x = torch.randn(2, 4)
+    exported = torch.export.export(model, (x,)).module()
+    got = relprop.explain(exported, x, target=1, composite="epsilon")
+    torch.testing.assert_close(got.relevance, relprop.explain(model, x, target=1,
+                                                              composite="epsilon").relevance)

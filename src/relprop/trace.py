@@ -181,6 +181,7 @@ def trace_fx(model: nn.Module, leaves: dict[str, str] | None = None,
         with TRACE_LOCK, _eval_mode(model):
             graph = tracer.trace(model, concrete_args=concrete or None)
         _drop_specialised(graph, model, concrete)
+        _drop_unused_varargs(graph)
     except Exception as exc:  # fx raises many kinds of errors for untraceable code
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
@@ -248,6 +249,13 @@ def _plain(value: Any) -> bool:
     return isinstance(value, _CONSTANT_TYPES)
 
 
+def _drop_unused_varargs(graph: fx.Graph) -> None:
+    """`forward(x, **kwargs)` gives a `**kwargs` placeholder; unused, it is no input."""
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and str(node.target).startswith("*") and not node.users:
+            graph.erase_node(node)
+
+
 def _drop_specialised(graph: fx.Graph, model: nn.Module, concrete: dict[str, Any]) -> None:
     """Remove what fx records for concrete_args: a placeholder per value and its asserts.
 
@@ -288,7 +296,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     """
     modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        for m, _ in modes:  # the flag itself: an exported module refuses .eval()
+            m.training = False
         yield
     finally:
         for m, mode in modes:
