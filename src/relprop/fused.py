@@ -8,20 +8,20 @@ at z. Every fusable rule then reads
 
     c_x = sum_k W_k^T (c * f_k)        (one or two modified weights W_k)
 
-with factors f_k = y / D_k computed in the forward pass. Each rule owns its
-fused form (`Rule.fusable`, `fused_forward`, `fused_backward` in relprop.rules;
-the factors per rule are in each rule's docstring); `FusedLayer` only runs it.
+with factors f_k = y / D_k computed in the forward pass; on inputs of either
+sign, alpha-beta and z-plus make both sides' sums and pick the one on x's side.
+Rules that hand relevance out directly (flat, w-square) return R_x itself,
+which `ToShadow` routes to the input's shadow (relprop.shadow). Each rule owns
+its fused form (`Rule.fusable`, `fused_forward`, `fused_backward` in
+relprop.rules; what each saves and how many convolutions it makes is in each
+rule's docstring); `FusedLayer` only runs it.
 
 The eps of the positive denominators rides in a cached bias, so it costs no
-pass. Cost: the plain gradient's convolutions, one extra forward convolution for
-z-plus/alpha-beta/gamma, a second transposed convolution where two weights are
-needed, a few element-wise passes, one saved factor per output (alpha-beta:
-two) and, for gamma on inputs of both signs, a boolean sign mask of the input.
-
-Element-wise work avoids torch.where (several times slower than arithmetic on
-CPU) and buffers twice an output's size: those cross glibc's mmap threshold
-(32 MB) on large layers, and a fresh mapping's page faults on every call cost
-more than a second transposed call.
+pass. Element-wise work avoids torch.where and multiplies by boolean tensors
+(several times slower than float arithmetic on CPU) and buffers twice an
+output's size where it can: those cross glibc's mmap threshold (32 MB) on large
+layers, and a fresh mapping's page faults on every call cost more than a second
+transposed call.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from torch import Tensor
 from .layers import Modifier
 from .rules import RELU, Activation, BoundLayer, Rule
 
-__all__ = ["RELU", "Activation", "FusedLayer", "LeanMaxPool", "ProportionalRelu"]
+__all__ = ["RELU", "Activation", "FusedLayer", "LeanMaxPool", "ProportionalRelu", "ToShadow",
+           "fused_direct"]
 
 
 class FusedLayer(torch.autograd.Function):
@@ -52,6 +53,32 @@ class FusedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         return ctx.rule.fused_backward(ctx, grad), None, None, None
+
+
+class ToShadow(torch.autograd.Function):
+    """x unchanged. What arrives in its backward is relevance, not c_x (the fused form of
+    a rule that hands relevance out directly returns R_x): it goes to x's shadow, whose
+    gradient is relevance itself (relprop.shadow), and none goes to x."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, shadow: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[None, Tensor]:
+        return None, relevance
+
+
+def fused_direct(general: Callable[..., Any], fused: Callable[..., Tensor], x: Tensor,
+                 *args: Any, shadow: Tensor | None = None, port: bool = False,
+                 **kwargs: Any) -> Any:
+    """The fast path of a rule that hands relevance out directly (flat, w-square): its
+    fused form, the relevance routed through `ToShadow` to the input's shadow. Without a
+    shadow (relevance would be divided by x), or as a port (relevance may arrive on the
+    output's shadow), the general form `general` runs."""
+    if shadow is None or port:
+        return general(x, *args, shadow=shadow, port=port, **kwargs)
+    return fused(ToShadow.apply(x, shadow), *args, **kwargs)
 
 
 class ProportionalRelu(torch.autograd.Function):

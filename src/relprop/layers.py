@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -239,7 +239,8 @@ class LayerWeights:
         self.w = w
         self.b = b
         self._cache: dict[tuple, Tensor | None] = {}
-        self.extra: dict[object, Tensor] = {}  # rules' own per-weights caches (z-box maps)
+        # rules' own per-weights caches: stacked weights, z-box maps, per-shape maps
+        self.extra: dict[object, Any] = {}
 
     def weight(self, mod: Modifier, gamma: float = 0.0) -> Tensor:
         key = ("w", mod, gamma)

@@ -10,6 +10,7 @@ import torch
 from ..errors import CompositeError
 from ..layers import Modifier
 from .base import (
+    TINY,
     Propagated,
     Rule,
     Side,
@@ -17,9 +18,12 @@ from .base import (
     bias_and_tally,
     is_number,
     positive_contributions,
+    select,
     shifted,
     sign_split_transpose,
+    split_positive,
     stabilize,
+    transposes,
 )
 
 
@@ -27,9 +31,26 @@ from .base import (
 class AlphaBeta(Rule):
     """LRP-alpha-beta (alpha - beta = 1): positive and negative contributions apart.
 
-    Fused form (inputs x >= 0 only: on signed inputs only the sign-split form keeps
-    every digit): P = W+ x + b+, N = z - P <= 0; f+ = alpha y / (P + eps) with W+,
-    f- = beta y / (N - eps) with W-; c_x = W+^T (c f+) - W-^T (c f-).
+    Fused form (bias absorbed; any activation after it), in gradient form with
+    P = W+ x+ + W- x- + b+ and N = z - P <= 0 (the bias's negative part included):
+    factors f+ = alpha y / (P + eps) and f- = beta y / (eps - N), eps riding in a
+    cached bias. Passes over the activation maps, per layer:
+
+    - inputs x >= 0 (after a ReLU): P = W+ x + b+. Forward convolutions: 2 (W, W+);
+      saved: f+ and f- (z-plus: f+ only); transposed: c_x = W+^T (c f+) + W-^T (c f-),
+      2 calls (z-plus: 1, W+ alone).
+    - inputs of either sign (SiLU, hardswish, gates, residual sums, the image): the
+      sign split is kept; the identity (x w)+ = (x w + |x| |w|) / 2 would meet
+      s- = R / (N - eps), as large as R / eps where N = 0, with weights whose terms
+      cancel only after rounding (iNNvestigate's oracle caught it). P from [x+, x-]
+      against [W+, W-] stacked (`split_positive`): forward convolutions 1 + 1 stacked
+      (the second twice a plain one's work); saved: f+, f- and the 0/1 mask [x > 0]
+      (z-plus: f+ and the mask);
+      c_x+ = W+^T (c f+) + W-^T (c f-), c_x- = W-^T (c f+) + W+^T (c f-), c_x the
+      one on the side of x. Transposed: W+ and W- stacked in one call per factor
+      where groups == 1, so 1 call for z-plus, 2 for alpha-beta (each twice a plain
+      one's work); grouped/depthwise convolutions make the W+ and W- calls apart.
+      The exact select is one lerp with the mask.
     """
 
     alpha: float = 2.0
@@ -81,32 +102,48 @@ class AlphaBeta(Rule):
         return out
 
     def fusable(self, nonneg_input):
-        return self.bias == "absorb" and nonneg_input
+        return self.bias == "absorb"
 
     def fused_forward(self, ctx, layer, x, z, act):
+        ctx.signed = not layer.nonneg_input
+        eps = self.epsilon or TINY  # as `stabilize`: epsilon=0 still never divides by 0
+        if ctx.signed:
+            p, mask = split_positive(layer, x, eps)  # P + eps
+        else:
+            p = shifted(layer, x, Modifier.POS, eps)  # P + eps
         y = activate(z, act)
-        p = shifted(layer, x, Modifier.POS, self.epsilon)  # P + eps
-        f_neg = None
+        factors = []
         if self.beta != 0:
-            # z - (P + eps) = N - eps = stab(N) for N < 0; at N == 0 every negative
-            # contribution x_i w_ij- is zero, so that output's share is zero either way
-            n = torch.sub(z, p)
-            f_neg = torch.div(y, n, out=n)
+            # (P + eps) - z = eps - N = -stab(N) for N < 0, kept >= eps: where N == 0 the
+            # computed difference can be 0 (eps below P's last digit), and there every
+            # negative contribution x_i w_ij- is zero, so that output's share is zero anyway
+            d = torch.sub(p, z).clamp_(min=eps)
+            f_neg = torch.div(y, d, out=d)
             if self.beta != 1:
                 f_neg.mul_(self.beta)
+            factors.append(f_neg)
         f_pos = torch.div(y, p, out=p)
         if self.alpha != 1:
             f_pos.mul_(self.alpha)
-        ctx.save_for_backward(*((f_pos,) if f_neg is None else (f_pos, f_neg)))
+        ctx.save_for_backward(f_pos, *factors, *([mask] if ctx.signed else []))
         return y
 
     def fused_backward(self, ctx, grad):
         layer, shape, saved = ctx.layer, ctx.shape, ctx.saved_tensors
-        if len(saved) == 1:  # z-plus
-            return layer.t(grad * saved[0], Modifier.POS, shape)
-        f_pos, f_neg = saved
-        out = layer.t(grad * f_pos, Modifier.POS, shape)
-        return out.sub_(layer.t(grad * f_neg, Modifier.NEG, shape))
+        f_pos = saved[0]
+        f_neg = saved[1] if self.beta != 0 else None
+        if not ctx.signed:
+            out = layer.t(grad * f_pos, Modifier.POS, shape)
+            if f_neg is None:  # z-plus
+                return out
+            return out.add_(layer.t(grad * f_neg, Modifier.NEG, shape))
+        sides = (Modifier.POS, Modifier.NEG)
+        c_pos, c_neg = transposes(layer, grad * f_pos, shape, sides)  # W+^T u, W-^T u
+        if f_neg is not None:
+            v_pos, v_neg = transposes(layer, grad * f_neg, shape, sides)
+            c_pos = c_pos.add_(v_neg)
+            c_neg = c_neg.add_(v_pos)
+        return select(saved[-1], c_pos, c_neg)
 
     def describe(self) -> str:
         if self.alpha == 1 and self.beta == 0:

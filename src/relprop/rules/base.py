@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CompositeError
-from ..layers import Kernel, LayerWeights, Modifier
+from ..layers import ConvKernel, Kernel, LayerWeights, LinearKernel, Modifier
 
 BIAS_MODES = ("absorb", "ignore", "distribute")
 # Stabilizer used where a rule asks for none (LRP-0 with a filter, ignored bias):
@@ -82,8 +82,19 @@ class BoundLayer:
         return None if b is None else self.kernel.bias_like(b, z)
 
     def fan_in(self, x: Tensor) -> Tensor:
-        """How many inputs each output is connected to (padding excluded)."""
-        return self.apply(torch.ones_like(x), Modifier.ONES)
+        """How many inputs each output is connected to (padding excluded), for one sample."""
+        return self.per_shape("fan_in", x, lambda ones: self.apply(ones, Modifier.ONES))
+
+    def per_shape(self, key: object, x: Tensor, make: Callable[[Tensor], Tensor]) -> Tensor:
+        """make(ones of one sample's shape): a map that depends on the input's shape alone
+        (fan-in, w-square's sum of squared weights), broadcast over the batch. Cached for
+        the latest input shape only, so explaining many sizes does not pile maps up."""
+        sample = (1, *x.shape[1:]) if x.dim() > 1 else tuple(x.shape)
+        tag = (sample, x.dtype, x.device)
+        hit = self.weights.extra.get(key)
+        if hit is None or hit[0] != tag:
+            hit = self.weights.extra[key] = (tag, make(x.new_ones(sample)))
+        return hit[1]
 
 
 @dataclass
@@ -231,8 +242,9 @@ class Rule:
     # -- the fused form (relprop.fused) -----------------------------------------------
 
     def fusable(self, nonneg_input: bool) -> bool:
-        """Whether the fused form computes this rule exactly on this layer (bias
-        absorbed, no filter, inputs known >= 0 or not). Default: no fused form."""
+        """Whether the fused form computes this rule exactly on this layer, given
+        whether its inputs are known >= 0 (no filter: the program checks that).
+        Default: no fused form."""
         return False
 
     def fused_forward(self, ctx: Any, layer: BoundLayer, x: Tensor, z: Tensor,
@@ -242,7 +254,8 @@ class Rule:
         raise NotImplementedError(f"{type(self).__name__} has no fused form")
 
     def fused_backward(self, ctx: Any, grad: Tensor) -> Tensor:
-        """c_x from c_y, the gradient at the fused layer's output."""
+        """c_x from c_y, the gradient at the fused layer's output; a rule that hands
+        relevance out directly returns R_x instead (relprop.fused.ToShadow routes it)."""
         raise NotImplementedError(f"{type(self).__name__} has no fused form")
 
     def describe(self) -> str:
@@ -292,6 +305,76 @@ def positive_contributions(layer: BoundLayer, x: Tensor) -> Tensor:
     return layer.apply(x.clamp(min=0), Modifier.POS) + layer.apply(x.clamp(max=0), Modifier.NEG)
 
 
+def stacks(kernel: Kernel) -> bool:
+    """Whether modified weights run stacked in one call: dense layers and convolutions with
+    groups == 1. (A grouped call with two parts per group runs slower than two calls.)"""
+    return isinstance(kernel, LinearKernel) or (
+        isinstance(kernel, ConvKernel) and kernel.groups == 1)
+
+
+def stacked_weight(layer: BoundLayer, mods: tuple[Modifier, ...]) -> Tensor:
+    """The modified weights side by side along the input dimension, cached (the parts
+    are not cached apart, so this costs no more memory than the parts would)."""
+    key = ("stacked", mods)
+    cache = layer.weights.extra
+    if key not in cache:
+        cache[key] = torch.cat([m.modify(layer.weights.w) for m in mods], 1)
+    return cache[key]
+
+
+def _stacked_dim(layer: BoundLayer, ndim: int) -> int:
+    return ndim - 1 if isinstance(layer.kernel, LinearKernel) else 1
+
+
+def transposes(layer: BoundLayer, s: Tensor, shape: torch.Size,
+               mods: tuple[Modifier, ...]) -> tuple[Tensor, ...]:
+    """W_m^T s for each modifier m (`shape`: the layer's input shape): one call over the
+    stacked weights where `stacks`, whose output holds the parts side by side (views)."""
+    if not stacks(layer.kernel):
+        return tuple(layer.t(s, m, shape) for m in mods)
+    dim = _stacked_dim(layer, len(shape))
+    size = list(shape)
+    size[dim] *= len(mods)
+    out = layer.kernel.transpose(s, stacked_weight(layer, mods), torch.Size(size))
+    return out.chunk(len(mods), dim=dim)
+
+
+def split_positive(layer: BoundLayer, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """P + eps = W+ x+ + W- x- + b+ + eps for inputs of either sign, and [x > 0] as 0/1.
+
+    Every term of P is >= 0, so P keeps its digits also where it is near 0 (the
+    identity (x w)+ = (x w + |x| |w|) / 2 would take P as a difference there). Where
+    `stacks`: one call, [x+, x-] against [W+, W-]; else two calls sharing one buffer.
+    The 0/1 mask is float: selecting with it (torch.lerp) is exact and several times
+    faster than torch.where or a multiply by a boolean tensor on CPU.
+    """
+    bias = shifted_bias(layer, Modifier.POS, eps)
+    kernel = layer.kernel
+    if stacks(kernel):
+        dim = _stacked_dim(layer, x.dim())
+        size = list(x.shape)
+        size[dim] *= 2
+        both = x.new_empty(size)
+        pos, neg = both.chunk(2, dim=dim)
+        torch.clamp(x, min=0, out=pos)
+        torch.clamp(x, max=0, out=neg)
+        p = kernel.forward(both, stacked_weight(layer, (Modifier.POS, Modifier.NEG)), bias)
+        del both, pos, neg
+        return p, torch.gt(x, 0, out=x.new_empty(x.shape))
+    part = x.clamp(min=0)
+    p = kernel.forward(part, layer.weights.weight(Modifier.POS), bias)
+    torch.clamp(x, max=0, out=part)
+    p.add_(kernel.forward(part, layer.weights.weight(Modifier.NEG), None))
+    return p, torch.gt(x, 0, out=part)
+
+
+def select(mask: Tensor, where_pos: Tensor, where_neg: Tensor) -> Tensor:
+    """where(mask, where_pos, where_neg) for a 0/1 float mask, exactly (lerp with a weight
+    of 0 or 1 returns one end unchanged), into `where_neg` when it is its own tensor."""
+    own = where_neg.is_contiguous() and where_neg._base is None
+    return torch.lerp(where_neg, where_pos, mask, out=where_neg if own else None)
+
+
 def sign_split_transpose(layer: BoundLayer, x: Tensor, a: Tensor, b: Tensor | None) -> Tensor:
     """c_x for c_x+ = W+^T a + W-^T b and c_x- = W+^T b + W-^T a."""
     c_pos = layer.t(a, Modifier.POS, x)
@@ -312,15 +395,21 @@ def activate(z: Tensor, act: Activation) -> Tensor:
     return z if act is None else act(z)  # type: ignore[operator]
 
 
-def shifted(layer: BoundLayer, x: Tensor, mod: Modifier, eps: float,
-            gamma: float = 0.0) -> Tensor:
-    """The modified layer's output plus eps, with eps folded into the (cached) bias."""
+def shifted_bias(layer: BoundLayer, mod: Modifier, eps: float, gamma: float = 0.0) -> Tensor:
+    """The modified bias plus eps (zeros plus eps without a bias), cached."""
     key = ("shifted", mod, gamma, eps)
     cache = layer.weights.extra
     if key not in cache:
         b = layer.weights.bias(mod, gamma)
-        w = layer.weights.weight(mod, gamma)
+        w = layer.weights.w
         out_features = layer.kernel.out_channels(w)
         base = torch.zeros(out_features, dtype=w.dtype, device=w.device) if b is None else b
         cache[key] = base + eps
-    return layer.kernel.forward(x, layer.weights.weight(mod, gamma), cache[key])
+    return cache[key]
+
+
+def shifted(layer: BoundLayer, x: Tensor, mod: Modifier, eps: float,
+            gamma: float = 0.0) -> Tensor:
+    """The modified layer's output plus eps, with eps folded into the (cached) bias."""
+    return layer.kernel.forward(x, layer.weights.weight(mod, gamma),
+                                shifted_bias(layer, mod, eps, gamma))

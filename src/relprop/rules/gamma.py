@@ -9,6 +9,7 @@ import torch
 from ..layers import Modifier
 from .base import (
     RELU,
+    TINY,
     Propagated,
     Rule,
     Side,
@@ -96,9 +97,10 @@ class Gamma(Rule):
         if ctx.gamma_abs:
             return self._fused_abs_forward(ctx, layer, x, z, act)
         y = activate(z, act)  # relu(z), in place
-        p = shifted(layer, x, Modifier.GAMMA_POS, self.epsilon, self.gamma)  # P + eps >= z + eps
+        eps = self.epsilon or TINY  # as `stabilize`: epsilon=0 still never divides by 0
+        p = shifted(layer, x, Modifier.GAMMA_POS, eps, self.gamma)  # P + eps >= z + eps
         # y = 0 where z <= 0; the clamp only keeps 0 / p from meeting p == 0 there
-        ctx.save_for_backward(torch.div(y, p.clamp_(min=self.epsilon), out=p))
+        ctx.save_for_backward(torch.div(y, p.clamp_(min=eps), out=p))
         return y
 
     def fused_backward(self, ctx, grad):
@@ -121,7 +123,7 @@ class Gamma(Rule):
         the sign-split form needs four, and one cached weight, k |W|.
         """
         g = self.gamma
-        eps = self.epsilon / (1 + g / 2)
+        eps = (self.epsilon or TINY) / (1 + g / 2)
         magnitude = x if layer.nonneg_input else x.abs()
         p = shifted(layer, magnitude, Modifier.GAMMA_ABS, eps, g).add_(z)  # P' + eps'
         if act == RELU:

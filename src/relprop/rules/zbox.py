@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from ..errors import CompositeError, InputError
-from ..layers import ConvKernel, LinearKernel, Modifier
-from .base import TINY, BoundLayer, Propagated, Rule, is_number, stabilize
+from ..layers import Modifier
+from .base import TINY, Propagated, Rule, is_number, stabilize, transposes
 
 
 def check_bounds(low: float | Tensor, high: float | Tensor) -> None:
@@ -32,26 +32,6 @@ def check_bounds(low: float | Tensor, high: float | Tensor) -> None:
             f"ZBox: low > high{at} (low={lo_b[where].item():g}, high={hi_b[where].item():g}, "
             f"{int(bad.sum())} of {bad.numel()} positions): low= and high= are the smallest and "
             "largest value each input can take, so low <= high everywhere")
-
-
-def _three_transposes(layer: BoundLayer, s: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """W^T s, W+^T s, W-^T s; one call with the weights stacked where the kernel allows."""
-    kernel = layer.kernel
-    stackable = isinstance(kernel, LinearKernel) or (
-        isinstance(kernel, ConvKernel) and kernel.groups == 1)
-    if not stackable:
-        return (layer.t(s, Modifier.PLAIN, x), layer.t(s, Modifier.POS, x),
-                layer.t(s, Modifier.NEG, x))
-    cache = layer.weights.extra
-    if "stacked" not in cache:
-        w = layer.weights
-        cache["stacked"] = torch.cat([w.weight(Modifier.PLAIN), w.weight(Modifier.POS),
-                                      w.weight(Modifier.NEG)], 1)
-    dim = x.dim() - 1 if isinstance(kernel, LinearKernel) else 1
-    shape = list(x.shape)
-    shape[dim] *= 3
-    out = kernel.transpose(s, cache["stacked"], torch.Size(shape))
-    return out.chunk(3, dim=dim)
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,7 +104,8 @@ class ZBox(Rule):
         else:
             s = incoming.grad * ratio  # R / stab(d) = c * z / stab(d)
         low, high = self._bounds(x)
-        t_plain, t_pos, t_neg = _three_transposes(layer, s, x)
+        t_plain, t_pos, t_neg = transposes(layer, s, x.shape,
+                                           (Modifier.PLAIN, Modifier.POS, Modifier.NEG))
         r = x * t_plain - low * t_pos - high * t_neg
         if tally is not None:
             d = state[1]
