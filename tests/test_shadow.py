@@ -217,3 +217,47 @@ def test_a_shadow_with_nothing_below_falls_back_to_gradient_form() -> None:
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     expl = relprop.explain(Block().double().eval(), x, target=0, composite="flat", **TINY)
     assert expl.relevance.abs().sum() > 0
+
+
+def test_bias_ignore_divides_by_w_x_not_by_z_minus_b() -> None:
+    """|b| >> |W x|: z - b by subtraction loses the digits the rule divides by (found by
+    tests/test_properties.py); the ledger must still balance to the last digits."""
+    layer = nn.Linear(1, 1).double()
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.bias.fill_(1.0)
+    x = torch.full((1, 1), 1e-9, dtype=torch.float64)
+    expl = relprop.explain(layer, x, target=0, composite="epsilon", bias="ignore",
+                           record=True, **TINY)
+    totals = expl.ledger.totals()
+    assert (expl.relevance.sum() + totals["stabilizer"] - expl.explained).abs().max() < 1e-15
+    assert totals["other"].abs().max() < 1e-15
+
+
+def test_a_reshape_by_size_keeps_the_non_negative_flag() -> None:
+    """x.view(x.size(0), -1) after a ReLU is as non-negative as torch.flatten(x, 1): the
+    size argument is no data, so both forms give bit-identical relevance (found by
+    tests/test_properties.py)."""
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.fc = nn.Linear(3 * 4 * 4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+    class Viewed(Flat):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x))
+            return self.fc(h.view(h.size(0), -1))
+
+    a = Flat().double().eval()
+    b = Viewed().double().eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    for composite in ("gamma", "epsilon_plus", "epsilon_alpha2_beta1"):
+        ra = relprop.explain(a, x, target=1, composite=composite).relevance
+        rb = relprop.explain(b, x, target=1, composite=composite).relevance
+        assert torch.equal(ra, rb), composite

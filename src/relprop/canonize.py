@@ -175,7 +175,9 @@ def mark_nonneg(graph: fx.Graph, dynamic: set[fx.Node]) -> set[fx.Node]:
             nonneg.add(node)
         elif s.nonneg == "preserve":
             args = _node_args(node)
-            dyn = [a for a in args if a in dynamic]
+            # sizes (x.view(x.size(0), -1)) are dynamic but no data: they cannot be negative
+            dyn = [a for a in args if a in dynamic and (spec(a) is None or
+                                                        spec(a).kind is not Kind.META)]
             numbers = [a for a in node.args if isinstance(a, int | float) and not
                        isinstance(a, bool)]
             binary = s.kind is Kind.PROPORTIONAL and len(node.args) >= 2 and (

@@ -26,6 +26,14 @@ class Epsilon(Rule):
         """LRP-0 with the bias absorbed is the layer's own gradient, exactly."""
         return self.epsilon == 0 and self.bias == "absorb"
 
+    def forward(self, layer, x):
+        if self.bias != "ignore" or layer.weights.b is None:
+            return super().forward(layer, x)
+        # the denominator W x computed, not z - b: where |b| >> |W x| the subtraction
+        # would lose the digits the rule divides by
+        zw = layer.apply(x, Modifier.PLAIN)
+        return zw + layer.bias_term(Modifier.PLAIN, zw), (zw,)
+
     def backward(self, layer, x, z, state, incoming, tally):
         b = layer.bias_term(Modifier.PLAIN, z)
         if self.epsilon == 0 and incoming.plain and (b is None or self.bias != "ignore"):
@@ -38,7 +46,7 @@ class Epsilon(Rule):
                 out.relevance = distribute(layer, x, s * b)
             return out
         eps = self.epsilon
-        d = z - b if (b is not None and self.bias == "ignore") else z
+        d = state[0] if state else (z - b if (b is not None and self.bias == "ignore") else z)
         den = stabilize(d, eps)
         s = incoming.relevance() / den
         out = Propagated(grad=layer.t(s, Modifier.PLAIN, x))
