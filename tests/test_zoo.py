@@ -8,7 +8,7 @@ from zoo import CNNS, HEAVY, bias_free, build, with_random_biases
 
 import relprop
 
-FUSED_CHECK = ("epsilon", "epsilon_gamma_box", "epsilon_alpha2_beta1")
+FUSED_CHECK = ("epsilon", "epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_plus_flat")
 
 
 def params(names):

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from ..errors import CompositeError
 from ..layers import Modifier
@@ -25,6 +26,13 @@ from .base import (
     stabilize,
     transposes,
 )
+
+
+def _scaled_ratio(y: Tensor, d: Tensor, scale: float) -> Tensor:
+    """scale * y / d into d, in one pass (addcdiv onto a zero scalar)."""
+    if scale == 1:
+        return torch.div(y, d, out=d)
+    return torch.addcdiv(d.new_zeros(()), y, d, value=scale, out=d)
 
 
 @dataclass(frozen=True)
@@ -118,13 +126,8 @@ class AlphaBeta(Rule):
             # computed difference can be 0 (eps below P's last digit), and there every
             # negative contribution x_i w_ij- is zero, so that output's share is zero anyway
             d = torch.sub(p, z).clamp_(min=eps)
-            f_neg = torch.div(y, d, out=d)
-            if self.beta != 1:
-                f_neg.mul_(self.beta)
-            factors.append(f_neg)
-        f_pos = torch.div(y, p, out=p)
-        if self.alpha != 1:
-            f_pos.mul_(self.alpha)
+            factors.append(_scaled_ratio(y, d, self.beta))
+        f_pos = _scaled_ratio(y, p, self.alpha)
         ctx.save_for_backward(f_pos, *factors, *([mask] if ctx.signed else []))
         return y
 
