@@ -42,23 +42,27 @@ class AlphaBeta(Rule):
     Fused form (bias absorbed; any activation after it), in gradient form with
     P = W+ x+ + W- x- + b+ and N = z - P <= 0 (the bias's negative part included):
     factors f+ = alpha y / (P + eps) and f- = beta y / (eps - N), eps riding in a
-    cached bias. Passes over the activation maps, per layer:
+    cached bias, eps - N kept >= eps. Per layer, beside the plain forward W x:
 
-    - inputs x >= 0 (after a ReLU): P = W+ x + b+. Forward convolutions: 2 (W, W+);
-      saved: f+ and f- (z-plus: f+ only); transposed: c_x = W+^T (c f+) + W-^T (c f-),
-      2 calls (z-plus: 1, W+ alone).
+    - inputs x >= 0 (after a ReLU): P = W+ x + b+. Convolutions: forward 1 (W+),
+      transposed 2 (z-plus: 1): c_x = W+^T (c f+) + W-^T (c f-). Saved: f+ and f-
+      (z-plus: f+). Element-wise: forward 1 division per factor (alpha-beta also
+      P - z and its clamp); backward 1 multiply per factor (alpha-beta: 1 add).
     - inputs of either sign (SiLU, hardswish, gates, residual sums, the image): the
-      sign split is kept; the identity (x w)+ = (x w + |x| |w|) / 2 would meet
-      s- = R / (N - eps), as large as R / eps where N = 0, with weights whose terms
-      cancel only after rounding (iNNvestigate's oracle caught it). P from [x+, x-]
-      against [W+, W-] stacked (`split_positive`): forward convolutions 1 + 1 stacked
-      (the second twice a plain one's work); saved: f+, f- and the 0/1 mask [x > 0]
-      (z-plus: f+ and the mask);
-      c_x+ = W+^T (c f+) + W-^T (c f-), c_x- = W-^T (c f+) + W+^T (c f-), c_x the
-      one on the side of x. Transposed: W+ and W- stacked in one call per factor
-      where groups == 1, so 1 call for z-plus, 2 for alpha-beta (each twice a plain
-      one's work); grouped/depthwise convolutions make the W+ and W- calls apart.
-      The exact select is one lerp with the mask.
+      sign split is kept. The identity (x w)+ = (x w + |x| |w|) / 2 would meet
+      s = R / (P + eps) or R / (eps - N), as large as R / eps where P or N is 0,
+      with weights whose terms cancel only after rounding (iNNvestigate's oracle
+      caught it); the split meets it only with weights that are exactly 0.
+      P from [x+, x-] against [W+, W-] (`split_positive`); both sides' sums
+      c_x+ = W+^T (c f+) + W-^T (c f-), c_x- = W-^T (c f+) + W+^T (c f-), and the
+      one on x's side picked exactly (`select`: lerp with the 0/1 mask [x > 0]).
+      Where groups == 1 (dense, 1x1 and full convolutions) W+ and W- run stacked,
+      one call over twice the channels: forward 1 call, transposed 1 call per
+      factor (z-plus 1, alpha-beta 2). Grouped and depthwise convolutions run
+      them apart (forward 2, transposed 2 per factor): a call with two parts per
+      group is slower on CPU. Saved: f+, f- (z-plus: f+) and the mask. Element-
+      wise: forward 2 clamps and the mask, then as above; backward as above
+      plus 1 lerp (alpha-beta: 2 adds).
     """
 
     alpha: float = 2.0
@@ -156,7 +160,8 @@ class AlphaBeta(Rule):
 
 @dataclass(frozen=True)
 class ZPlus(AlphaBeta):
-    """z-plus: alpha-beta with alpha=1, beta=0 (positive contributions only)."""
+    """z-plus: alpha-beta with alpha=1, beta=0 (positive contributions only); its fused
+    form is AlphaBeta's with the factor f+ alone."""
 
     alpha: float = field(default=1.0, init=False)
     beta: float = field(default=0.0, init=False)
