@@ -4,7 +4,7 @@ Every layer is turned into an explicit (out x in) matrix W and bias b for the
 sample at hand (convolutions, transposed convolutions and average pooling by
 probing with unit vectors; max pooling as the 0/1 matrix selecting each
 window's winner; ReLU as the identity on relevance). Then, per layer, from the contribution matrix
-Z_ij = x_i w_ij the rule's formula of ../shared/RULES.md is evaluated term by
+Z_ij = x_i w_ij the rule's formula (the oracles' RULES.md) is evaluated term by
 term: forward, divide, transpose, multiply. No autograd, no shortcuts.
 Bias handling (`"bias"` in a rule: absorb, ignore, distribute) as RULES.md
 defines it, with n_j the number of inputs connected to output j.

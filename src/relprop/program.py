@@ -652,20 +652,21 @@ def _carries(shadow: Any) -> bool:
     return False
 
 
-def _zeros_like(v: Any) -> Any:
+def _filled_like(v: Any, fill: Callable[[Tensor], Tensor]) -> Any:
+    """`fill` applied to every tensor in v (a tensor or a tuple / list of them)."""
     if isinstance(v, Tensor):
-        return torch.zeros_like(v)
+        return fill(v)
     if isinstance(v, tuple | list):
-        return type(v)(_zeros_like(e) for e in v)
+        return type(v)(_filled_like(e, fill) for e in v)
     return v
+
+
+def _zeros_like(v: Any) -> Any:
+    return _filled_like(v, torch.zeros_like)
 
 
 def _ones_like(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return torch.ones_like(v)
-    if isinstance(v, tuple | list):
-        return type(v)(_ones_like(e) for e in v)
-    return v
+    return _filled_like(v, torch.ones_like)
 
 
 def _revives_zeros(node: fx.Node) -> bool:
