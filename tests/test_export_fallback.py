@@ -71,3 +71,25 @@ def test_untraceable_model_gets_a_clear_error() -> None:
     with pytest.raises(relprop.TraceError, match=r"torch\.fx could not trace DataDependent.*"
                        r"neither torch\.fx nor torch\.export"):
         ex(torch.randn(2, 4))
+
+
+def test_explaining_many_models_leaves_the_registries_the_same_size() -> None:
+    """Every export trace maps ATen ops onto aliases: made once per op, not per call."""
+    from relprop import optable
+
+    class Loop(nn.Module):  # a Python loop over the shape: fx cannot trace it, export can
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            for _ in range(x.shape[1] // 2):
+                x = torch.relu(self.fc(x))
+            return x
+
+    x = torch.randn(2, 4)
+    relprop.explain(Loop().eval(), x, target=0, composite="epsilon")
+    sizes = (len(optable._ATEN_KINDS), len(optable._ALIASES))
+    for _ in range(5):
+        relprop.explain(Loop().eval(), x, target=0, composite="epsilon")
+    assert (len(optable._ATEN_KINDS), len(optable._ALIASES)) == sizes

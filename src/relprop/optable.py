@@ -627,11 +627,11 @@ def _aten_as_function(node: fx.Node) -> Callable[..., Any]:
                 same is F.dropout:
             return same
         node.meta.setdefault("relprop_label", f"aten.{name}")
-        return _ATEN_KINDS.setdefault(op, _aten_alias(op, same))
+        return _aten_alias(op, same)
     if name in _ATEN_MOVES:
-        return _ATEN_KINDS.setdefault(op, _aten_alias(op, torch.flatten))
+        return _aten_alias(op, torch.flatten)
     if name in _ATEN_META or name in _ATEN_CONSTANT:
-        return _ATEN_KINDS.setdefault(op, _aten_alias(op, getattr))
+        return _aten_alias(op, getattr)
     return op
 
 
@@ -639,13 +639,18 @@ _ATEN_KINDS: dict[Any, Callable[..., Any]] = {}
 
 
 def _aten_alias(op: Any, like: Callable[..., Any]) -> Callable[..., Any]:
-    """A callable running `op` that the tables above classify like `like`."""
+    """A callable running `op` that the tables above classify like `like`; made once per
+    op (every export trace asks again: the registries must not grow per call)."""
+    known = _ATEN_KINDS.get(op)
+    if known is not None:
+        return known
 
     def run(*args: Any, **kwargs: Any) -> Any:
         return op(*args, **kwargs)
 
     run.__name__ = str(op)
     _ALIASES[run] = like
+    _ATEN_KINDS[op] = run
     return run
 
 
