@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import snapshot
 from models import FunctionalCNN, ModuleCNN, SeedMLP, with_biases
 from torch import nn
 
@@ -206,20 +205,6 @@ def test_bad_composites_are_explained() -> None:
 
 
 # ------------------------------------------------------------------ model untouched
-
-def snapshot(model: nn.Module) -> dict:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return {
-        "state": buf.getvalue(),
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad for p in model.parameters()],
-        "training": [m.training for m in model.modules()],
-        "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks),
-                   dict(m._backward_hooks)) for m in model.modules()],
-        "ids": [id(p) for p in model.parameters()],
-    }
-
 
 @pytest.mark.parametrize("factory", [ModuleCNN, FunctionalCNN])
 def test_model_is_byte_identical_after_explaining(factory) -> None:

@@ -20,12 +20,12 @@ functional code (the `note` lines) and a `@reproduce_failure` blob.
 
 from __future__ import annotations
 
-import io
 import os
 import random
 
 import pytest
 import torch
+from checks import snapshot
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from strategies import ACTIVATIONS, PIECEWISE_LINEAR, ModelSpec, model_specs
@@ -254,21 +254,6 @@ def test_ledger_balances(spec, form, target, preset, bias) -> None:
 
 
 # ------------------------------------------------------------------ model untouched
-
-
-def snapshot(model: nn.Module) -> dict:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return {
-        "state": buf.getvalue(),
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad for p in model.parameters()],
-        "training": [m.training for m in model.modules()],
-        "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks),
-                   dict(m._backward_hooks)) for m in model.modules()],
-        "ids": [id(p) for p in model.parameters()],
-        "versions": [p._version for p in model.parameters()],
-    }
 
 
 @examples(15)
