@@ -20,9 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import relprop  # noqa: E402
-from relprop.datasets import load_mnist  # noqa: E402
+from relprop.apps.datasets import load_mnist  # noqa: E402
+from relprop.apps.zoo import accuracy, mnist_lstm  # noqa: E402
 from relprop.visualize import heatmap  # noqa: E402
-from relprop.zoo import accuracy, mnist_lstm  # noqa: E402
 
 BIAS = "distribute"  # Arras et al.: bias (and stabilizer) shares handed to the inputs
 

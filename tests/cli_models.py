@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from relprop.zoo import mnist_cnn
+from relprop.apps.zoo import mnist_cnn
 
 
 class _RGBToGrey(nn.Module):

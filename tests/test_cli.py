@@ -12,8 +12,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from relprop.cli import main
-from relprop.datasets import load_mnist
+from relprop.apps.cli import main
+from relprop.apps.datasets import load_mnist
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from relprop.cli import main
-from relprop.datasets import load_mnist
+from relprop.apps.cli import main
+from relprop.apps.datasets import load_mnist
+from relprop.apps.zoo import accuracy, mnist_cnn
 from relprop.visualize import heatmap
-from relprop.zoo import accuracy, mnist_cnn
 
 
 def test_shipped_cnn_classifies_real_digits() -> None:

@@ -6,8 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from relprop.datasets import load_mnist
-from relprop.zoo import accuracy, mnist_lstm
+from relprop.apps.datasets import load_mnist
+from relprop.apps.zoo import accuracy, mnist_lstm
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 import relprop
 from relprop import RelpropError
-from relprop.cli import main
+from relprop.apps.cli import main
 from relprop.dataset import ImageFiles, Store, explain_dataset, load_explanations, shards
 
 TESTS = Path(__file__).parent

@@ -9,9 +9,9 @@ import torch
 
 import relprop
 import relprop.evaluate as ev
-from relprop.datasets import load_mnist
+from relprop.apps.datasets import load_mnist
+from relprop.apps.zoo import mnist_cnn
 from relprop.errors import CompositeError
-from relprop.zoo import mnist_cnn
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from PIL import Image
 from torch import nn
 
 import relprop
+from relprop.apps.zoo import mnist_lstm
 from relprop.visualize import explanation_figure, explanation_png
-from relprop.zoo import mnist_lstm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_no_pictures_needed_and_the_callers_backend_kept() -> None:
         import sys
         sys.modules["matplotlib"] = None  # as if not installed: importing it fails
         sys.modules["PIL"] = None
-        import torch, relprop, relprop.visualize, relprop.evaluate, relprop.loading
+        import torch, relprop, relprop.visualize, relprop.evaluate, relprop.apps.loading
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())
         expl = relprop.explain(model, torch.randn(2, 1, 5, 5), composite="epsilon")
         print("explained", tuple(expl.relevance.shape))

@@ -14,10 +14,10 @@ import torch
 import torchvision
 from PIL import Image
 
-import relprop.explain_cli as explain_cli
-from relprop.cli import main
+import relprop.apps.explain_cli as explain_cli
+from relprop.apps.cli import main
+from relprop.apps.loading import Logits, load
 from relprop.errors import RelpropError
-from relprop.loading import Logits, load
 
 ARCH = "squeezenet1_1"  # small and quick to explain
 WEIGHTS = torchvision.models.get_model_weights(ARCH).DEFAULT

@@ -2,7 +2,8 @@
 
 explain_dataset writes safetensors shards and a manifest; load_explanations reads them
 back lazily. Modules: store (what is kept), shards (atomic files), manifest (run identity),
-distributed (the split by rank), images (folders as datasets), run, reader, cli.
+distributed (the split by rank), images (image files and folders as datasets), run, reader.
+The `relprop explain-dataset` command is relprop.apps.dataset_cli.
 """
 
 from __future__ import annotations

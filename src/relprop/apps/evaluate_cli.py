@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import RelpropError
+from ..evaluate import aopc, baselines, region_perturbation
+from ..explain import Explainer
+from ..visualize import heatmap, new_figure
 from .datasets import load_mnist
-from .errors import RelpropError
-from .evaluate import aopc, baselines, region_perturbation
-from .explain import Explainer
 from .report import figure_data_uri, image_grid_html, table_html, write_report
-from .visualize import heatmap, new_figure
 from .zoo import accuracy, mnist_cnn
 
 COMPOSITES = ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"]
@@ -53,8 +53,9 @@ def run_evaluate(out: Path, n: int = 500, patch_size: int = 4, seed: int = 0) ->
 def run_evaluate_images(args: Namespace, seed: int = 0) -> dict:
     """The user's model (--model / --weights) on their images, loaded as `relprop explain`
     loads them (named weights bring their preprocessing and class names)."""
+    from ..dataset.images import image_files
     from .explain_cli import class_name, preprocessing_for
-    from .loading import image_files, load
+    from .loading import load
 
     start = time.perf_counter()
     if not args.model:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import RelpropError
+from ..errors import RelpropError
 
 MNIST_TRAIN = 4000  # first 4,000 of the shuffled 5,000 for training, the rest for testing
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import RelpropError
+from ..errors import RelpropError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                     "else a 7x7 grid of regions)")
     ev.add_argument("--batch-size", type=int, default=8, help="images per explanation batch")
     ev.add_argument("--out", type=Path, default=Path("relprop-out"), help="output folder")
-    from .dataset.cli import add_parser as add_explain_dataset
+    from .dataset_cli import add_parser as add_explain_dataset
 
     add_explain_dataset(sub, _model_options)
     args = parser.parse_args(argv)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_explain(args)
         elif args.command == "explain-dataset":
-            from .dataset.cli import run as run_explain_dataset
+            from .dataset_cli import run as run_explain_dataset
 
             run_explain_dataset(args)
     except RelpropError as exc:

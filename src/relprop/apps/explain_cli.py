@@ -10,10 +10,11 @@ from argparse import Namespace
 
 import torch
 
-from .errors import RelpropError
-from .explain import Explainer
-from .loading import LoadedModel, Preprocessing, image_files, load, plain_preprocessing
-from .visualize import heatmap, overlay, relevance_figure, save_png
+from ..dataset.images import image_files
+from ..errors import RelpropError
+from ..explain import Explainer
+from ..visualize import heatmap, overlay, relevance_figure, save_png
+from .loading import LoadedModel, Preprocessing, load, plain_preprocessing
 
 
 def parse_target(spec: str) -> tuple[str, int]:

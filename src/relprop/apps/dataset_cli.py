@@ -1,7 +1,7 @@
 """`relprop explain-dataset`: a folder of images (or an ImageFolder tree) to shards.
 
-Model, weights and preprocessing are those of `relprop explain` (relprop.loading: torchvision
-names with --weights DEFAULT, timm:, hf:, module:callable, state_dict files).
+Model, weights and preprocessing are those of `relprop explain` (relprop.apps.loading:
+torchvision names with --weights DEFAULT, timm:, hf:, module:callable, state_dict files).
 Under torchrun every rank runs this same command; rank 0 prints the summary.
 """
 
@@ -46,10 +46,10 @@ def add_parser(sub: argparse._SubParsersAction,
 
 
 def run(args: Namespace) -> None:
-    from ..explain_cli import preprocessing_for
-    from ..loading import load
-    from .images import ImageFiles
-    from .run import explain_dataset
+    from ..dataset.images import ImageFiles
+    from ..dataset.run import explain_dataset
+    from .explain_cli import preprocessing_for
+    from .loading import load
 
     target: int | str = args.target
     if target not in ("pred", "label"):

@@ -40,7 +40,7 @@ img { image-rendering: pixelated; }
 
 def png_data_uri(image: np.ndarray) -> str:
     """An (H, W[, 3]) uint8 array as a data: URI."""
-    from .visualize import optional
+    from ..visualize import optional
 
     buf = io.BytesIO()
     optional("PIL.Image").fromarray(image).save(buf, format="PNG")

@@ -9,7 +9,8 @@ weights come with their preprocessing and class names; `--weights FILE` loads a 
 
 Images: files or folders, turned into pixels in [0, 1] (resized, cropped), then normalised.
 The two steps stay apart so that overlays show the pixels the model saw and z-box bounds
-follow from the normalisation.
+follow from the normalisation. Reading image files is the library's (relprop.dataset.images,
+which explain_dataset's ImageFiles uses too); this module adds what weights declare.
 """
 
 from __future__ import annotations
@@ -29,12 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import RelpropError
-from .visualize import optional
+from ..dataset.images import IMAGENET_MEAN, IMAGENET_STD, normalized_batch, open_image, resize_crop
+from ..errors import RelpropError
+from ..visualize import optional
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl"}
 
 
@@ -55,7 +54,7 @@ class Preprocessing:
     def batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor,
                                                            torch.Tensor]:
         """(B, C, H, W) model input and the z-box bounds (the normalised 0 and 1)."""
-        return _batch(images, self.mean, self.std)
+        return normalized_batch(images, self.mean, self.std)
 
 
 @dataclass
@@ -90,7 +89,7 @@ def load(arch: str, weights: str | Path | None = None) -> LoadedModel:
 def plain_preprocessing(size: int | None = 224, normalize: bool = True) -> Preprocessing:
     """Shorter side to `size`, centre crop, ImageNet statistics: for weights that declare
     nothing (a state_dict file, a `module:callable`)."""
-    return Preprocessing(partial(_resize_crop, size=size),
+    return Preprocessing(partial(resize_crop, size=size),
                          IMAGENET_MEAN if normalize else None,
                          IMAGENET_STD if normalize else None, "--size / --no-normalize")
 
@@ -354,68 +353,3 @@ class _TransformPixels:
 
 def _floats(values: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in np.atleast_1d(np.asarray(values, dtype=np.float64)))
-
-
-def image_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image paths from files and folders (sorted within a folder)."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise RelpropError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {p}")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise RelpropError(f"no such file or folder: {p}")
-    return files
-
-
-def open_image(path: Path, mode: str = "RGB") -> Any:
-    """The file as a PIL image in `mode`, or one line that says why not."""
-    pil = optional("PIL.Image")
-    try:
-        with pil.open(path) as img:
-            return img.convert(mode)
-    except (pil.UnidentifiedImageError, OSError) as exc:
-        raise RelpropError(f"cannot read image {path}: {exc}") from exc
-
-
-def read_image(path: Path, size: int | None, channels: int = 3) -> np.ndarray:
-    """(H, W, C) float array in [0, 1]; resized (shorter side, then centre crop) to size."""
-    arr = _resize_crop(open_image(path, "RGB" if channels == 3 else "L"), size)
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def _resize_crop(img: Any, size: int | None) -> np.ndarray:
-    if size is not None:
-        pil = optional("PIL.Image")
-        w, h = img.size
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                         pil.BILINEAR)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.float32) / 255.0
-
-
-def to_input(images: list[np.ndarray], normalize: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                                torch.Tensor]:
-    """Batch (B, C, H, W) and the z-box bounds (the normalised images of 0 and 1)."""
-    return _batch(images, IMAGENET_MEAN if normalize else None,
-                  IMAGENET_STD if normalize else None)
-
-
-def _batch(images: Sequence[np.ndarray], mean: tuple[float, ...] | None,
-           std: tuple[float, ...] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    arrays = [a[..., None] if a.ndim == 2 else a for a in images]
-    x = torch.from_numpy(np.stack(arrays)).float().permute(0, 3, 1, 2).contiguous()
-    channels = x.shape[1]
-    if mean is None or std is None or len(mean) not in (1, channels):
-        return x, torch.zeros(()), torch.ones(())
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - m) / s, (0 - m) / s, (1 - m) / s

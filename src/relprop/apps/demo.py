@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..explain import Explainer
+from ..visualize import heatmap, save_grid
 from .datasets import load_mnist
-from .explain import Explainer
 from .report import image_grid_html, table_html, write_report
-from .visualize import heatmap, save_grid
 from .zoo import accuracy, mnist_cnn, mnist_lstm, train_mnist_cnn
 
 COMPOSITES = ["lrp0", "epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"]
@@ -58,7 +58,7 @@ def run_demo(out: Path, n: int = 8, retrain: bool = False) -> Path:
     print(f"2. MNIST LSTM (row by row): test accuracy {accuracy(lstm, x, y):.3f}; "
           "explained with Arras et al.'s LSTM rules")
 
-    from .evaluate import aopc, baselines, region_perturbation
+    from ..evaluate import aopc, baselines, region_perturbation
 
     xs = x[:100]
     with torch.no_grad():
