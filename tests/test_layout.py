@@ -78,3 +78,23 @@ def test_importing_relprop_loads_no_application_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_one_progress_bar_for_explain_and_explain_dataset(capsys):
+    """explain(progress=True) draws relprop.progress's bar, the one explain_dataset draws
+    (tests/test_explain_dataset.py checks its samples/s and ETA there)."""
+    import importlib
+
+    import torch
+    from torch import nn
+
+    from relprop.progress import Progress
+
+    explain_module = importlib.import_module("relprop.explain")  # relprop.explain: the function
+    assert importlib.import_module("relprop.dataset.run").Progress is Progress
+    assert not [name for name in vars(explain_module) if "progress" in name.lower()]
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    relprop.explain(model, torch.randn(5, 4), target=0, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "explaining 5/5 [" in err and "samples/s, ETA 0:00:00" in err
+    assert err.endswith("\n")

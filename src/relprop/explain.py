@@ -21,6 +21,7 @@ from .composites import Composite, make_composite
 from .errors import InputError, NoLedgerError, RelpropError, TargetError, TraceError
 from .ledger import Ledger, build_ledger, per_sample
 from .program import Program, RunResult
+from .progress import batches
 from .rules import stabilize
 from .trace import TRACE_LOCK, trace_export, trace_fx
 
@@ -271,8 +272,7 @@ class Explainer:
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size}: must be at least 1")
         parts = []
-        chunks = range(0, total, batch_size)
-        for lo in _progress(chunks, progress, total, batch_size):
+        for lo in batches(total, batch_size, progress):
             sl = slice(lo, lo + batch_size)
             t = _chunk_target(target, sl, total)
             o = output_relevance[sl] if output_relevance is not None else None
@@ -535,21 +535,6 @@ def _combine_ledgers(ledgers: list[Ledger], join) -> Ledger:
               for f in ("relevance_in", "relevance_out", "bias", "stabilizer"))))
     return Ledger(entries, join([lg.explained for lg in ledgers]),
                   join([lg.at_input for lg in ledgers]))
-
-
-def _progress(chunks: range, show: bool, total: int, batch_size: int) -> Iterator[int]:
-    if not show:
-        yield from chunks
-        return
-    import sys
-
-    n = len(chunks)
-    for i, lo in enumerate(chunks):
-        yield lo
-        done = min(lo + batch_size, total)
-        bar = "#" * int(30 * (i + 1) / n)
-        print(f"\rexplaining {done}/{total} [{bar:<30}]", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..composites import Composite
 from ..errors import RelpropError
 from ..explain import Explainer
+from ..progress import Progress
 from . import shards
 from .distributed import Group, join_group, pick_device
 from .images import Indexed, class_names, sample_paths
@@ -304,34 +304,3 @@ def _prepare_folder(out: Path) -> None:
         probe.unlink(missing_ok=True)
         raise RelpropError(describe_os_error(exc, out)) from exc
     probe.unlink(missing_ok=True)
-
-
-class Progress:
-    """A one-line bar on stderr with samples/s and the time left (rank 0 only)."""
-
-    def __init__(self, total: int, enabled: bool, prefix: str = "",
-                 every: float = 0.5) -> None:
-        self.total, self.enabled, self.prefix, self.every = total, enabled, prefix, every
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            filled = "#" * int(30 * self.done / self.total)
-            print(f"\r{self.prefix}explaining {self.done}/{self.total} [{filled:<30}] "
-                  f"{rate:.1f} samples/s, ETA {_clock(eta)}", end="", file=sys.stderr,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            print(file=sys.stderr, flush=True)
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
