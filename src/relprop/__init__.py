@@ -15,7 +15,20 @@ from .explain import Explainer, Explanation, explain
 from .ledger import Ledger, LedgerEntry
 from .recurrent import RecurrentRule
 from .registry import register_function, register_module
-from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
+from .rules import (
+    CPLRP,
+    LRP0,
+    AlphaBeta,
+    AttentionRule,
+    AttnLRP,
+    Epsilon,
+    Flat,
+    Gamma,
+    Rule,
+    WSquare,
+    ZBox,
+    ZPlus,
+)
 
 __all__ = [
     "PRESETS", "Composite", "LayerInfo", "make_composite",
@@ -25,5 +38,6 @@ __all__ = [
     "Ledger", "LedgerEntry",
     "register_function", "register_module", "RecurrentRule",
     "LRP0", "AlphaBeta", "Epsilon", "Flat", "Gamma", "Rule", "WSquare", "ZBox", "ZPlus",
+    "AttentionRule", "AttnLRP", "CPLRP",
 ]
 __version__ = "0.1.0"

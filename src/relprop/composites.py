@@ -29,9 +29,12 @@ from torch import Tensor, nn
 from .errors import CompositeError
 from .recurrent import RecurrentRule
 from .rules import (
+    CPLRP,
     LRP0,
     TINY,
     AlphaBeta,
+    AttentionRule,
+    AttnLRP,
     Epsilon,
     Flat,
     Gamma,
@@ -63,7 +66,9 @@ class Composite:
 
     `by_type` keys are module classes (matched with issubclass) or the kinds
     "linear", "conv", "affine". `stabilizer` is the epsilon of the proportional
-    rule at sums, means and average pooling (0 = plain gradient).
+    rule at sums, means and average pooling (0 = plain gradient). `attention`:
+    how relevance crosses attention and products of two activations (AttnLRP's
+    rules by default; CPLRP() holds the attention weights constant).
     """
 
     by_type: dict[type | str, Rule] = field(default_factory=dict)
@@ -75,6 +80,7 @@ class Composite:
     top_k: float | None = None
     name: str = "custom"
     recurrent: RecurrentRule = field(default_factory=RecurrentRule)
+    attention: AttentionRule = field(default_factory=AttnLRP)
 
     def __post_init__(self) -> None:
         check_nonnegative("Composite", "stabilizer", self.stabilizer,
@@ -144,7 +150,7 @@ def check_top_k(top_k: float | None) -> None:
 
 
 def _describe_value(value: Any) -> Any:
-    if isinstance(value, Rule | RecurrentRule):
+    if isinstance(value, Rule | RecurrentRule | AttentionRule):
         out: dict[str, Any] = {"rule": type(value).__name__}
         for f in dataclasses.fields(value):
             out[f.name] = _describe_value(getattr(value, f.name))
@@ -187,7 +193,7 @@ def _bounds(name: str, low: float | Tensor | None, high: float | Tensor | None,
 PRESETS = (
     "lrp0", "epsilon", "gamma", "zplus", "alpha_beta", "flat", "wsquare", "zbox",
     "epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
-    "epsilon_alpha2_beta1_flat", "layer_position",
+    "epsilon_alpha2_beta1_flat", "layer_position", "attnlrp", "cp_lrp",
 )
 # The keywords every preset accepts (a preset ignores those it has no rule for, so
 # one set of keywords can be passed to any preset, as the command line does).
@@ -306,6 +312,13 @@ def make_composite(
         return mixed(ab21)
     if name == "epsilon_alpha2_beta1_flat":
         return mixed(ab21, flat)
+    if name in ("attnlrp", "cp_lrp"):
+        # transformers: epsilon on every linear layer (gamma= puts Gamma there instead, as
+        # the AttnLRP paper does for vision transformers); attention by AttnLRP or CP-LRP
+        on_linear = gam if "gamma" in given else eps
+        return Composite(default=on_linear, stabilizer=stabilizer, top_k=top_k, name=name,
+                         recurrent=recurrent,
+                         attention=AttnLRP() if name == "attnlrp" else CPLRP())
     if name == "layer_position":
         return LayerPosition(first=_bounds(name, low, high, bias, guard), gamma_rule=gam,
                              epsilon_rule=eps, last=LRP0(bias=bias), stabilizer=stabilizer,

@@ -13,10 +13,12 @@ what a rule provides.
     flat.py        Flat
     wsquare.py     WSquare
     zbox.py        ZBox
+    attention.py   AttnLRP, CPLRP: softmax, bilinear products, attention; cosine similarity
 """
 
 from ..layers import Modifier
 from .alpha_beta import AlphaBeta, ZPlus
+from .attention import CPLRP, AttentionRule, AttnLRP, cosine_similarity, scaled
 from .base import (
     BIAS_MODES,
     EPSILON_WHY,
@@ -44,5 +46,6 @@ __all__ = [
     "BIAS_MODES", "EPSILON_WHY", "RELU", "TINY", "Activation", "BoundLayer", "Incoming",
     "Modifier", "Propagated", "Rule", "Tally", "check_bounds", "check_nonnegative", "is_number",
     "keep_top_k", "safe_divide", "stabilize",
+    "AttentionRule", "AttnLRP", "CPLRP", "cosine_similarity", "scaled",
     "LRP0", "AlphaBeta", "Epsilon", "Flat", "Gamma", "WSquare", "ZBox", "ZPlus",
 ]

@@ -1,0 +1,128 @@
+"""Rules for the parts of a transformer that are not linear layers (AttnLRP).
+
+AttnLRP (Achtibat et al., ICML 2024), in gradient form (autograd carries
+c = R / a):
+
+- softmax s = softmax(x): R_x = x * (R_s - s * sum_j R_s_j), the Taylor rule at
+  x, which is gradient x input of the softmax: the plain gradient, nothing to do.
+- bilinear products of two input-dependent tensors (Q K^T, A V, the gated MLP's
+  silu(g) * u): the uniform rule, each product term's relevance split half and
+  half between its two factors. Plain gradient x input gives each factor the
+  whole product (the sum doubles), so the rule is the gradient times 0.5 at
+  each operand.
+- scaled_dot_product_attention = softmax(Q K^T * scale + mask) V: by the two
+  rules above, the gradients at q and k are the plain ones times 0.25 and at v
+  times 0.5. The attention kernel's own backward computes the plain ones, so
+  no attention matrix is materialised and memory stays that of a gradient.
+
+CP-LRP (Ali et al., ICML 2022) holds the attention weights constant instead:
+no relevance reaches q and k, and A V is a linear map of v (its gradient).
+
+Cosine similarity of two embeddings (sentence similarity): the norms are held
+constant (as RMSNorm's is) and the products x1_k x2_k split uniformly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class GradScale(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by a constant factor."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scaled(x: Tensor, factor: float) -> Tensor:
+    """x, with its gradient scaled by `factor` (1: x itself; 0: x detached)."""
+    if factor == 1.0 or not x.requires_grad:
+        return x
+    if factor == 0.0:
+        return x.detach()
+    return GradScale.apply(x, factor)
+
+
+@dataclass(frozen=True)
+class AttentionRule:
+    """How relevance crosses attention and the other products of two activations.
+
+    `operand_share`: the gradient factor at each operand of a bilinear product
+    (0.5: uniform rule). `weights_constant`: the attention weights are held
+    constant (CP-LRP): q and k take no relevance, v all of it.
+    """
+
+    name: ClassVar[str] = "attention"
+    operand_share: float = 0.5
+    weights_constant: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"rule": type(self).__name__, "operand_share": self.operand_share,
+                "weights_constant": self.weights_constant}
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """scaled_dot_product_attention with the rule's gradients at q, k and v."""
+        if self.weights_constant:
+            qk, vs = 0.0, 1.0
+        else:
+            qk, vs = self.operand_share * self.operand_share, self.operand_share
+        return F.scaled_dot_product_attention(scaled(q, qk), scaled(k, qk), scaled(v, vs),
+                                              *args, **kwargs)
+
+    def product(self, fn: Any, a: Tensor, b: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """fn(a, b) for a bilinear fn (matmul, element-wise mul) of two activations."""
+        share = self.operand_share
+        return fn(scaled(a, share), scaled(b, share), *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class AttnLRP(AttentionRule):
+    """Softmax by its Taylor rule, bilinear products split uniformly (AttnLRP)."""
+
+    name: ClassVar[str] = "attnlrp"
+
+
+@dataclass(frozen=True)
+class CPLRP(AttentionRule):
+    """Attention weights held constant (Ali et al. 2022); other products split uniformly."""
+
+    name: ClassVar[str] = "cp_lrp"
+    weights_constant: bool = True
+
+
+class CosineRule(torch.autograd.Function):
+    """cos(x1, x2) = x1 . x2 / (|x1| |x2|) with the norms held constant, each product term
+    split half and half: in gradient form, half the gradient at fixed norms."""
+
+    @staticmethod
+    def forward(ctx: Any, x1: Tensor, x2: Tensor, dim: int,  # type: ignore[override]
+                eps: float) -> Tensor:
+        n1 = x1.norm(dim=dim, keepdim=True)
+        n2 = x2.norm(dim=dim, keepdim=True)
+        den = n1.clamp_min(eps) * n2.clamp_min(eps)
+        ctx.save_for_backward(x1, x2, den)
+        ctx.dim = dim
+        return (x1 * x2).sum(dim) / den.squeeze(dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x1, x2, den = ctx.saved_tensors
+        g = (grad.unsqueeze(ctx.dim) / den) * 0.5
+        return g * x2, g * x1, None, None
+
+
+def cosine_similarity(x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+    """F.cosine_similarity's value with relprop's rule (broadcasting as F's)."""
+    x1, x2 = torch.broadcast_tensors(x1, x2)
+    return CosineRule.apply(x1, x2, dim, eps)
