@@ -11,7 +11,7 @@ from torch import nn
 
 import relprop
 from relprop import AlphaBeta, Composite, Epsilon, Flat, Gamma, WSquare, ZPlus
-from relprop.optable import Kind
+from relprop.ops import Kind
 
 
 class SignedNet(nn.Module):
@@ -83,6 +83,7 @@ FAST_LAYERS = {
     "epsilon_plus_flat": LAYERS, "epsilon_alpha2_beta1_flat": LAYERS,
     "epsilon_gamma_box": LAYERS - {"stem"}, "layer_position": LAYERS - {"stem"},
     "flat": {"se2", "fc2"}, "wsquare": {"se2", "fc2"}, "zbox": set(),
+    "attnlrp": LAYERS, "cp_lrp": LAYERS,
 }
 
 

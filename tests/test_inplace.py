@@ -1,4 +1,4 @@
-"""In-place forms explain exactly like their out-of-place twins (canonize.out_of_place).
+"""In-place forms explain exactly like their out-of-place twins (passes.inplace.out_of_place).
 
 relprop runs every in-place op out of place (its rules keep values for the
 backward, and it never writes into the user's tensors); reads of the mutated

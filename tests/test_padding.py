@@ -1,6 +1,6 @@
 """Every padding module and F.pad mode, and convs with padding_mode != "zeros".
 
-Rules (canonize.normalize_padding): zero, reflect, replicate and circular padding
+Rules (passes.padding.normalize_padding): zero, reflect, replicate and circular padding
 move values, copies included: the gradient is the rule, and the relevance at
 every copy sums back to its source. A constant c != 0 is pad(x, 0) + C (C = c on
 the border): relevance reaching the border goes to the constant and the ledger

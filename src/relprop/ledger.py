@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .optable import Kind
+from .ops import Kind
 
 
 def per_sample(t: Tensor, batch: int) -> Tensor:

@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .canonize import spec
-from .optable import Kind
+from .ops import Kind, spec
 
 # max pooling -> (its with-indices form, spatial dims, position of return_indices)
 MAX_POOLS: dict[Any, tuple[Any, int, int]] = {
