@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .ops import Kind, spec
+from .ops import Kind, node_args, spec
 
 # max pooling -> (its with-indices form, spatial dims, position of return_indices)
 MAX_POOLS: dict[Any, tuple[Any, int, int]] = {
@@ -49,8 +49,6 @@ MAX_POOLS: dict[Any, tuple[Any, int, int]] = {
     F.adaptive_max_pool2d: (F.adaptive_max_pool2d_with_indices, 2, 2),
     F.adaptive_max_pool3d: (F.adaptive_max_pool3d_with_indices, 3, 2),
 }
-_BINARY_SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
-                "add", "sub", "__add__", "__sub__", "add_", "sub_"}
 _DIVISIONS = {operator.truediv, torch.div, operator.itruediv, "div", "div_", "__truediv__"}
 _SIGNED_IDENTITY = {F.leaky_relu, F.prelu}
 
@@ -116,10 +114,8 @@ def _returns_indices(node: fx.Node) -> bool:
 
 def data_inputs(node: fx.Node, dynamic: set[fx.Node]) -> list[fx.Node]:
     """The input-dependent tensor arguments whose relevance this node hands back."""
-    found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
     out = []
-    for a in found:
+    for a in node_args(node):
         s = spec(a)
         if a in dynamic and (s is None or s.kind is not Kind.META) and a not in out:
             out.append(a)
@@ -133,10 +129,6 @@ def scaled_input(node: fx.Node, dynamic: set[fx.Node]) -> fx.Node:
     if s is not None and s.signal is not None:
         return node.args[s.signal]
     return data_inputs(node, dynamic)[0]
-
-
-def is_binary_sum(node: fx.Node) -> bool:
-    return node.target in _BINARY_SUMS or getattr(node.target, "_opname", "") in ("add", "sub")
 
 
 def plan_shadows(nodes: list[fx.Node], dynamic: set[fx.Node],

@@ -14,8 +14,13 @@ from torch import fx, nn
 from ..errors import UnsupportedOperationError
 from ..ops import SPEC, Kind, OpSpec, classify, node_args, node_location, spec
 
-_BINARY = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
-           "add", "sub", "__add__", "__sub__", "add_", "sub_"}
+_BINARY_SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
+                "add", "sub", "__add__", "__sub__", "add_", "sub_"}
+
+
+def is_binary_sum(node: fx.Node) -> bool:
+    """x + y or x - y (any spelling: operator, torch function, method, ATen op)."""
+    return node.target in _BINARY_SUMS or getattr(node.target, "_opname", "") in ("add", "sub")
 
 
 def mark_dynamic(graph: fx.Graph, constants: frozenset[str] = frozenset()) -> set[fx.Node]:
@@ -49,9 +54,7 @@ def classify_nodes(graph: fx.Graph, root: nn.Module, dynamic: set[fx.Node]) -> N
             if node.meta[SPEC].kind is Kind.META:
                 shapes.add(node)
             s = node.meta[SPEC]
-            binary = node.target in _BINARY or getattr(node.target, "_opname", "") in (
-                "add", "sub")
-            if s.kind is Kind.PROPORTIONAL and binary:
+            if s.kind is Kind.PROPORTIONAL and is_binary_sum(node):
                 # a summand that is not input-dependent, or built from shapes alone
                 # (zeros_like(x), a constant pad border), absorbs relevance like a bias
                 operands = node.args[:2]

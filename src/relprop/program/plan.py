@@ -18,7 +18,7 @@ from ..composites import Composite, LayerInfo
 from ..functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio
 from ..fused import RELU, Activation, FusedLayer, LeanMaxPool, ProportionalRelu, fused_direct
 from ..layers import LayerWeights, fold_batchnorm
-from ..ops import Kind, OpSpec, spec
+from ..ops import Kind, OpSpec, node_args, spec
 from ..passes import canonize, mark_nonneg, positive_only
 from ..recurrent import RecurrentRule, run_aten_cell, run_recurrent
 from ..rules import BoundLayer, Rule, Tally
@@ -253,7 +253,7 @@ def _sole_activation(node: fx.Node) -> tuple[fx.Node, Activation] | None:
     act = users[0]
     s = spec(act)
     if s is None or not act.args or act.args[0] is not node or \
-            any(isinstance(a, fx.Node) for a in _args_of(act) if a is not node):
+            any(isinstance(a, fx.Node) for a in node_args(act) if a is not node):
         return None
     if s.kind is Kind.GRADIENT and s.zero_below and len(act.args) == 1:
         return act, RELU
@@ -310,24 +310,18 @@ def _plan_frees(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, in
     """Drop each value from the environment after its last use (autograd keeps what it needs)."""
     last: dict[int, int] = {}
     for i, node in enumerate(nodes):
-        for a in _args_of(node):
+        for a in node_args(node):
             last[index[a]] = i
     for src, i in last.items():
         if steps[src].op != "placeholder":
             steps[i].frees.append(src)
 
 
-def _args_of(node: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return found
-
-
 def _revives_zeros(node: fx.Node) -> bool:
     """An identity-rule activation with f(0) != 0 whose output carries relevance (not only
     a gate): relevance reaching an input that is exactly 0 needs the shadow channel."""
     s = spec(node)
-    if s is None or s.fn is None or any(isinstance(a, fx.Node) for a in _args_of(node)
+    if s is None or s.fn is None or any(isinstance(a, fx.Node) for a in node_args(node)
                                         if a is not node.args[0]):
         return False
     if zero_preserving(lambda t: s.fn(t, *node.args[1:], **node.kwargs)):

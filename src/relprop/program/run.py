@@ -17,7 +17,8 @@ from ..composites import Composite
 from ..errors import InputError, RelpropError
 from ..functions import ShadowIdentity, ShadowSum
 from ..ops import Kind, node_location, spec
-from ..shadow import MAX_POOLS, Role, is_binary_sum
+from ..passes.classify import is_binary_sum
+from ..shadow import MAX_POOLS, Role
 from ..trace import TracedModel, attribute
 from .plan import Step, _Ref, plan
 from .recording import Recording, RunResult
