@@ -175,7 +175,7 @@ class AffineKernel:
         return w.shape[0]
 
 
-def fold_batchnorm(
+def fold_batchnorm_weights(
     kernel: Kernel,
     w: Tensor,
     b: Tensor | None,

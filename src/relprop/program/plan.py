@@ -17,7 +17,7 @@ from torch import Tensor, fx
 from ..composites import Composite, LayerInfo
 from ..functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio
 from ..fused import RELU, Activation, FusedLayer, LeanMaxPool, ProportionalRelu, fused_direct
-from ..layers import LayerWeights, fold_batchnorm
+from ..layers import LayerWeights, fold_batchnorm_weights
 from ..ops import Kind, OpSpec, node_args, spec
 from ..passes import canonize, mark_nonneg, positive_only
 from ..recurrent import RecurrentRule, run_aten_cell, run_recurrent
@@ -58,8 +58,8 @@ class LayerCall:
             if mean is not None:
                 if w is None:  # a BatchNorm on its own: scale and shift per channel
                     w = torch.ones_like(mean)
-                w, b = fold_batchnorm(self.op.kernel, w, b, mean, var, gamma, beta,
-                                      self.op.bn_eps)
+                w, b = fold_batchnorm_weights(self.op.kernel, w, b, mean, var, gamma, beta,
+                                              self.op.bn_eps)
         self._key, self._weights = key, LayerWeights(w, b)
         return self._weights
 
