@@ -2,15 +2,14 @@
 
 explain(x, target) = one forward pass through the rewritten model, a seed at
 the output (which output, and how much relevance it starts with) and one
-backward pass; several targets share the forward and run as one batched
-backward (autograd's is_grads_batched).
+backward pass; several targets share the forward, then take one backward
+pass each over the kept graph.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,7 @@ from .ledger import Ledger, build_ledger, per_sample
 from .program import Program, RunResult
 from .progress import batches
 from .rules import stabilize
-from .trace import TRACE_LOCK, trace_export, trace_fx
+from .trace import TRACE_LOCK, preserved, trace_export, trace_fx
 
 Target = int | tuple[int, ...] | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
 STARTS = ("value", "one", "softmax")
@@ -535,19 +534,3 @@ def _combine_ledgers(ledgers: list[Ledger], join) -> Ledger:
               for f in ("relevance_in", "relevance_out", "bias", "stabilizer"))))
     return Ledger(entries, join([lg.explained for lg in ledgers]),
                   join([lg.at_input for lg in ledgers]))
-
-
-@contextlib.contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
-    """Guarantee the model leaves as it came: train/eval flags and requires_grad restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            if m.training != mode:
-                m.training = mode
-        for p, flag in flags:
-            if p.requires_grad != flag:
-                p.requires_grad_(flag)

@@ -178,7 +178,7 @@ def trace_fx(model: nn.Module, leaves: dict[str, str] | None = None,
     concrete = {k: v for k, v in _defaults(model, inputs).items() if k not in keywords}
     tracer = _Tracer(leaves or {})
     try:
-        with TRACE_LOCK, _eval_mode(model):
+        with TRACE_LOCK, preserved(model, eval_mode=True):
             graph = tracer.trace(model, concrete_args=concrete or None)
         _drop_specialised(graph, model, concrete)
         _drop_unused_varargs(graph)
@@ -288,20 +288,27 @@ def _drop_specialised(graph: fx.Graph, model: nn.Module, concrete: dict[str, Any
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Trace with inference semantics (stochastic depth, dropout branches off); restore after.
+def preserved(model: nn.Module, eval_mode: bool = False) -> Iterator[None]:
+    """Guarantee the model leaves as it came: train/eval flags and requires_grad restored.
 
-    Python `if self.training:` branches are resolved while tracing, so the
-    graph must be recorded in eval mode; every module's flag is put back.
+    eval_mode=True: every module in eval mode meanwhile. Tracing needs it (inference
+    semantics: Python `if self.training:` branches, stochastic depth and dropout
+    are resolved while tracing, so the graph must be recorded in eval mode).
     """
     modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        for m, _ in modes:  # the flag itself: an exported module refuses .eval()
-            m.training = False
+        if eval_mode:
+            for m, _ in modes:  # the flag itself: an exported module refuses .eval()
+                m.training = False
         yield
     finally:
         for m, mode in modes:
-            m.training = mode
+            if m.training != mode:
+                m.training = mode
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
@@ -313,7 +320,7 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
     keywords = keywords or {}
     check_keywords(model, len(example), frozenset(keywords))
     try:
-        with TRACE_LOCK, _eval_mode(model):
+        with TRACE_LOCK, preserved(model, eval_mode=True):
             exported = torch.export.export(model, example, kwargs=keywords, strict=False)
             module = exported.module()
     except Exception as exc:
