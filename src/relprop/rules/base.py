@@ -117,10 +117,6 @@ class Incoming:
     _relevance: Tensor | None = field(default=None, repr=False)
 
     @property
-    def filtered(self) -> bool:
-        return self.top_k is not None
-
-    @property
     def plain(self) -> bool:
         """All relevance is c_z * z, unfiltered: rules may work on c_z directly."""
         return self.top_k is None and self.direct is None
