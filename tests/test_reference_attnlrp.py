@@ -237,3 +237,103 @@ def test_epsilon_absorbs() -> None:
     small = ra.gpt2_relevance(model, ids, token=2, epsilon=1e-6)
     large = ra.gpt2_relevance(model, ids, token=2, epsilon=0.1)
     assert large.abs().sum() < small.abs().sum()
+
+
+# --------------------------------------------------------------------------- gradient form
+
+
+def _identity_rule(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """value (= f(x)) with gradient f(x) / x: R_x = R_y in gradient x input."""
+    return x * (value / x).detach()
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    """x, with half its gradient (an operand of a uniformly split product)."""
+    return 0.5 * x + (0.5 * x).detach()
+
+
+def _llama_gradient_form(model, ids: torch.Tensor, position: int, token: int) -> torch.Tensor:
+    """AttnLRP with epsilon = stabilizer = 0 as gradient x input of a rewritten forward:
+    norms and SiLU by the identity rule, products with half gradients, the rest plain."""
+    cfg, sd = model.config, model.state_dict()
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    n_rep, hd = H // KV, cfg.head_dim
+    T = ids.shape[1]
+    cos, sin = ra.rope_tables(cfg, T)
+    mask = ra.causal_mask(T)
+    emb = sd["model.embed_tokens.weight"][ids].clone().requires_grad_()
+
+    def norm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _identity_rule(h, ra.rms_norm(h.detach(), w, cfg.rms_norm_eps))
+
+    h = emb
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        n = norm(h, sd[p + "input_layernorm.weight"])
+        q, k, v = (ra.heads(n @ sd[p + f"self_attn.{c}_proj.weight"].T, m)
+                   for c, m in (("q", H), ("k", KV), ("v", KV)))
+        q = q * cos + ra.rotate_half(q) * sin
+        k = (k * cos + ra.rotate_half(k) * sin).repeat_interleave(n_rep, 1)
+        v = v.repeat_interleave(n_rep, 1)
+        A = torch.softmax(_half(q) @ _half(k).transpose(-1, -2) * hd ** -0.5 + mask, -1)
+        o = ra.merge(_half(A) @ _half(v)) @ sd[p + "self_attn.o_proj.weight"].T
+        h = h + o
+        n = norm(h, sd[p + "post_attention_layernorm.weight"])
+        g = n @ sd[p + "mlp.gate_proj.weight"].T
+        u = n @ sd[p + "mlp.up_proj.weight"].T
+        a = _identity_rule(g, ra.silu(g.detach()))
+        h = h + (_half(a) * _half(u)) @ sd[p + "mlp.down_proj.weight"].T
+    logits = norm(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+    (grad,) = torch.autograd.grad(logits[:, position, token].sum(), emb)
+    return emb.detach() * grad
+
+
+def test_llama_backward_equals_gradient_form() -> None:
+    model = ra.tiny_llama(0, "sdpa")  # float64 softmax: no float32 step in the gradient
+    ids = _ids()
+    ref = ra.llama_relevance(model, ids, position=5, token=7, epsilon=0.0, stabilizer=0.0)
+    grad_form = _llama_gradient_form(model, ids, 5, 7)
+    assert ref.abs().max() > 1e-2
+    assert (ref - grad_form).abs().max() <= 1e-10 * ref.abs().max()
+    # the stabilizers' effect is small but visible
+    stabilised = ra.llama_relevance(model, ids, position=5, token=7, epsilon=0.1)
+    assert (stabilised - ref).abs().max() > 1e-4
+
+
+def _gpt2_gradient_form(model, ids: torch.Tensor, position: int, token: int) -> torch.Tensor:
+    """As above for GPT-2: LayerNorm with its std detached, NewGELU by the identity rule,
+    biases and position embeddings plain summands (absorbed at epsilon = 0)."""
+    cfg, sd = model.config, model.state_dict()
+    H, D, e = cfg.n_head, cfg.n_embd, cfg.layer_norm_epsilon
+    T = ids.shape[1]
+    mask = ra.causal_mask(T)
+    wte = sd["transformer.wte.weight"][ids].clone().requires_grad_()
+
+    def ln(x: torch.Tensor, name: str) -> torch.Tensor:
+        c = x - x.mean(-1, keepdim=True)
+        std = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + e).detach()
+        return sd[name + ".weight"] * c / std + sd[name + ".bias"]
+
+    h = wte + sd["transformer.wpe.weight"][:T]
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        qkv = ln(h, p + "ln_1") @ sd[p + "attn.c_attn.weight"] + sd[p + "attn.c_attn.bias"]
+        q, k, v = (ra.heads(t, H) for t in qkv.split(D, 2))
+        A = torch.softmax(_half(q) @ _half(k).transpose(-1, -2) * (D // H) ** -0.5 + mask, -1)
+        h = h + ra.merge(_half(A) @ _half(v)) @ sd[p + "attn.c_proj.weight"] \
+            + sd[p + "attn.c_proj.bias"]
+        f = ln(h, p + "ln_2") @ sd[p + "mlp.c_fc.weight"] + sd[p + "mlp.c_fc.bias"]
+        a = _identity_rule(f, ra.new_gelu(f.detach()))
+        h = h + a @ sd[p + "mlp.c_proj.weight"] + sd[p + "mlp.c_proj.bias"]
+    logits = ln(h, "transformer.ln_f") @ sd["transformer.wte.weight"].T
+    (grad,) = torch.autograd.grad(logits[:, position, token].sum(), wte)
+    return wte.detach() * grad
+
+
+def test_gpt2_backward_equals_gradient_form() -> None:
+    model = ra.tiny_gpt2(0, "eager")
+    ids = _ids()
+    ref = ra.gpt2_relevance(model, ids, position=4, token=9, epsilon=0.0, stabilizer=0.0)
+    grad_form = _gpt2_gradient_form(model, ids, 4, 9)
+    assert ref.abs().max() > 1e-2
+    assert (ref - grad_form).abs().max() <= 1e-10 * ref.abs().max()
