@@ -54,6 +54,9 @@ class Explanation:
     # every rule of the composite with the values used (Composite.describe())
     parameters: dict[str, Any] | None = None
     _ledger: Ledger | None = field(default=None, repr=False)
+    # token-id inputs: relevance per embedding dimension, (B, [K,] T, D) per input (None for
+    # the others); `relevance` holds its sum over D, one value per token
+    embeddings: Tensor | tuple[Tensor | None, ...] | None = None
 
     def plot(self, **kwargs: Any) -> Any:
         """The heatmap grid as a matplotlib Figure (needs `relprop[viz]`); keywords as
@@ -133,15 +136,16 @@ class Explainer:
         first real input.
         """
         n, keywords = len(inputs), keywords or {}
-        key = (n, frozenset(keywords))
+        ids = frozenset(i for i, t in enumerate(inputs) if not t.is_floating_point())
+        key = (n, frozenset(keywords), ids)
         program = self._programs.get(key)
         if program is not None:
             return program
         base = self._program
-        if not keywords and base is not None and len(base.placeholders) >= n:
+        if not keywords and not ids and base is not None and len(base.placeholders) >= n:
             return base
         error, traced = self._fx_error, None
-        if (n > 1 or keywords) and (base is None or base.traced.method == "fx"):
+        if (n > 1 or keywords or ids) and (base is None or base.traced.method == "fx"):
             try:
                 traced = trace_fx(self.model, self._leaves, inputs=n,
                                   keywords=frozenset(keywords))
@@ -154,8 +158,16 @@ class Explainer:
                 traced = trace_export(self.model, inputs, keywords)
             except TraceError as exc:
                 raise TraceError(f"{error}; and {exc}") from exc
+        if ids:  # token ids: explained at the outputs of their embedding lookups
+            holders = [nd.name for nd in traced.graph.nodes if nd.op == "placeholder"
+                       and nd.name not in traced.constants]
+            traced.index_inputs = frozenset(holders[i] for i in ids if i < len(holders))
         program = Program.build(traced, self.composite)
-        if self._program is None and not keywords:
+        if ids and not program.sources:
+            raise InputError(f"input {min(ids)} holds integers (token ids?) but the model "
+                             "looks none of them up in an embedding; relevance needs a "
+                             "floating-point input or token ids fed to an nn.Embedding")
+        if self._program is None and not keywords and not ids:
             self._program = program
         self._programs[key] = program
         return program
@@ -168,11 +180,16 @@ class Explainer:
                 output_relevance: Tensor | None = None, start: str = "value",
                 record: bool | None = None, batch_size: int | None = None,
                 progress: bool = False,
-                forward_kwargs: dict[str, Any] | None = None) -> Explanation:
+                forward_kwargs: dict[str, Any] | None = None,
+                position: int | None = None) -> Explanation:
         """Relevance of every input feature for the chosen output(s).
 
         `forward_kwargs`: keyword inputs of the model's forward that are not explained
         (an attention mask, lengths): passed as constants, relevance flows around them.
+        `position`: for sequence outputs (B, T, V), the position whose logits class
+        targets index (a causal LM's next-token logits: the last position, the
+        default for models that generate); a (position, token) tuple target picks
+        its own position, so [[(5, t1), (6, t2)]] explains two generated tokens.
         """
         record = self.record if record is None else record
         inputs = _check_inputs(x)
@@ -186,28 +203,33 @@ class Explainer:
         if batch_size is not None:
             return self._explain_chunked(inputs, target, output_relevance, start, record,
                                          batch_size, progress, single=isinstance(x, Tensor),
-                                         forward_kwargs=forward_kwargs)
+                                         forward_kwargs=forward_kwargs, position=position)
         with torch.inference_mode(False), torch.enable_grad():
             # may trace (exclusive), so before the shared lock
             self._ensure_program(inputs, forward_kwargs)
         with TRACE_LOCK.shared(), preserved(self.model), torch.inference_mode(False), \
                 torch.enable_grad():
             expl = self._explain(inputs, target, output_relevance, start, record,
-                                 forward_kwargs)
+                                 forward_kwargs, position)
         if isinstance(x, Tensor):
             expl.relevance = expl.relevance[0]
+            if expl.embeddings is not None:
+                expl.embeddings = expl.embeddings[0]
         return expl
 
     def _explain(self, inputs: tuple[Tensor, ...], target: Target,
                  output_relevance: Tensor | None, start: str, record: bool,
-                 forward_kwargs: dict[str, Any]) -> Explanation:
+                 forward_kwargs: dict[str, Any], position: int | None = None) -> Explanation:
         program = self._ensure_program(inputs, forward_kwargs)
         # half precision is explained in float32 (on the same rounded weights) and the
         # results handed back in the input's dtype: float16 cannot hold the rules' ratios
-        half = next((t.dtype for t in inputs if t.dtype in _HALF), None)
+        half = next((t.dtype for t in inputs if t.dtype in _HALF), None) or (
+            _parameter_dtype(self.model) if program.sources else None)
+        half = half if half in _HALF else None
         compute = torch.float32 if half is not None else None
+        # token ids stay as they are: their embedding lookups make the leaves (run.sources)
         leaves = tuple(t.detach().to(compute or t.dtype).clone().requires_grad_(True)
-                       for t in inputs)
+                       if t.is_floating_point() else t for t in inputs)
         run = program.run(list(leaves), record=record, dtype=compute, keywords=forward_kwargs)
         output = run.output
         output = _logits(output)
@@ -216,11 +238,17 @@ class Explainer:
             raise RelpropError(f"the output has shape {tuple(output.shape)}; expected the batch "
                                f"size {batch} first")
         flat = output.reshape(batch, -1)
+        if position is None and output.dim() == 3 and _generates(self.model):
+            position = -1  # a causal LM: the next token's logits
+        if position is not None and output_relevance is None:
+            target = _at_position(target, output, position)
         index, multi = _resolve_target(target, output, output_relevance)
         seeds = _seeds(flat, index, start, output_relevance)  # (K, B, N)
         explained = (seeds * flat.detach()).sum(-1).T  # (B, K)
         sink_ids = list(run.sinks)  # placeholder steps with a shadow leaf
-        wrt = [*leaves, *(run.sinks[i] for i in sink_ids)]
+        wrt = [*(x for x in leaves if x.is_floating_point()),
+               *(e for p in range(len(leaves)) for e in run.sources.get(p, ())),
+               *(run.sinks[i] for i in sink_ids)]
         K = seeds.shape[0]
         layers = ledger = None
         if record:
@@ -258,15 +286,21 @@ class Explainer:
             if layers is not None:
                 layers = {k: v.squeeze(1) for k, v in layers.items()}
         if half is not None:
-            relevance = tuple(r.to(t.dtype) for r, t in zip(relevance, inputs, strict=True))
+            relevance = tuple(r.to(half) for r in relevance)
             output, explained = output.to(half), explained.to(half)
+        # token inputs: relevance per token, and per embedding dimension in `embeddings`
+        tokens = [not t.is_floating_point() for t in inputs]
+        embeddings = tuple(r if tok else None for r, tok in zip(relevance, tokens, strict=True))
+        relevance = tuple(r.sum(-1) if tok else r for r, tok in zip(relevance, tokens,
+                                                                       strict=True))
         return Explanation(relevance=relevance, output=output.detach(), target=index,
                            explained=explained, composite=self.composite.name,
                            parameters=self.composite.describe(), layers=layers,
-                           _ledger=ledger)
+                           _ledger=ledger,
+                           embeddings=embeddings if any(tokens) else None)
 
     def _explain_chunked(self, inputs, target, output_relevance, start, record, batch_size,
-                         progress, single, forward_kwargs):
+                         progress, single, forward_kwargs, position=None):
         total = inputs[0].shape[0]
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size}: must be at least 1")
@@ -279,7 +313,7 @@ class Explainer:
             kw = {k: v[sl] if isinstance(v, Tensor) and v.dim() and v.shape[0] == total else v
                   for k, v in forward_kwargs.items()}
             part = self.explain(tuple(x[sl] for x in inputs), t, output_relevance=o, start=start,
-                                record=record, forward_kwargs=kw)
+                                record=record, forward_kwargs=kw, position=position)
             parts.append(part)
         rel = tuple(torch.cat([_as_tuple(p.relevance)[i] for p in parts])
                     for i in range(len(inputs)))
@@ -294,7 +328,7 @@ class Explainer:
                            explained=torch.cat([p.explained for p in parts]),
                            composite=self.composite.name,
                            parameters=self.composite.describe(), layers=layers,
-                           _ledger=ledger)
+                           _ledger=ledger, embeddings=_joined_embeddings(parts, single))
 
 
 def explain(model: nn.Module, x: Tensor | tuple[Tensor, ...], target: Target = None, *,
@@ -302,11 +336,12 @@ def explain(model: nn.Module, x: Tensor | tuple[Tensor, ...], target: Target = N
             output_relevance: Tensor | None = None,
             start: str = "value", record: bool = False, batch_size: int | None = None,
             progress: bool = False, forward_kwargs: dict[str, Any] | None = None,
-            **params: Any) -> Explanation:
+            position: int | None = None, **params: Any) -> Explanation:
     """One-shot: build an Explainer and explain x (build an Explainer to reuse the trace)."""
     return Explainer(model, composite, **params).explain(
         x, target, output_relevance=output_relevance, start=start, record=record,
-        batch_size=batch_size, progress=progress, forward_kwargs=forward_kwargs)
+        batch_size=batch_size, progress=progress, forward_kwargs=forward_kwargs,
+        position=position)
 
 
 # ----------------------------------------------------------------- helpers
@@ -317,9 +352,9 @@ def _check_inputs(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         name = "x" if len(inputs) == 1 else f"input {i}"
         if not isinstance(t, Tensor):
             raise InputError(f"{name} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
+        if not t.is_floating_point() and (t.dtype == torch.bool or t.is_complex()):
             raise InputError(f"{name} has dtype {t.dtype}; relevance needs a floating-point "
-                             "input (convert with .float())")
+                             "input (convert with .float()) or integer token ids")
         if t.dim() == 0:
             raise InputError(f"{name} is a scalar; give a batch (B, ...) of inputs")
         if t.shape[0] == 0:
@@ -367,7 +402,7 @@ def _resolve_target(target: Target, output: Tensor,
         if not target:
             raise TargetError("target=[] is empty: give one target per sample")
         if all(isinstance(t, list) for t in target):  # nested: K per sample
-            t = _as_index(target, device)
+            t = _as_index(target, device, inner)
             multi = True
         else:
             t = torch.tensor([_flat_position(v, inner) if isinstance(v, tuple) else v
@@ -416,7 +451,54 @@ def _chunk_target(target: Target, sl: slice, total: int) -> Target:
     return target
 
 
-def _as_index(nested: list, device: torch.device) -> Tensor:
+def _generates(model: nn.Module) -> bool:
+    """A Hugging Face model that generates text (its (B, T, V) logits predict the next
+    token at every position)."""
+    can = getattr(model, "can_generate", None)
+    try:
+        return bool(can()) if callable(can) else False
+    except Exception:
+        return False
+
+
+def _at_position(target: Target, output: Tensor, position: int) -> Target:
+    """Class targets of a sequence output (B, T, V) as (position, class) tuples."""
+    if output.dim() != 3:
+        raise TargetError(f"position={position}: the output has shape "
+                          f"{tuple(output.shape)}, not a sequence of logits (B, T, V)")
+    T = output.shape[1]
+    if not -T <= position < T:
+        raise TargetError(f"position={position} is out of range for a sequence of {T}")
+
+    def at(t: Any) -> Any:
+        if isinstance(t, list):
+            return [at(e) for e in t]
+        if isinstance(t, int) and not isinstance(t, bool):
+            return (position, t)
+        return t  # a (position, class) tuple keeps its own position
+
+    if target is None:
+        return output.detach()[:, position].argmax(-1).tolist()
+    if isinstance(target, Tensor):
+        target = target.tolist()
+    if isinstance(target, int) and not isinstance(target, bool):
+        return (position, target)
+    return at(target) if isinstance(target, list) else target
+
+
+def _joined_embeddings(parts: list[Explanation], single: bool) -> Any:
+    if parts[0].embeddings is None:
+        return None
+    per_input = [_as_tuple(p.embeddings) for p in parts]
+    joined = tuple(None if per_input[0][i] is None else torch.cat([e[i] for e in per_input])
+                   for i in range(len(per_input[0])))
+    return joined[0] if single else joined
+
+
+def _as_index(nested: list, device: torch.device, inner: tuple[int, ...] = ()) -> Tensor:
+    if inner and any(isinstance(e, tuple) for row in nested for e in row):
+        nested = [[_flat_position(e, inner) if isinstance(e, tuple) else e for e in row]
+                  for row in nested]
     try:
         return torch.tensor(nested, dtype=torch.long, device=device)
     except (TypeError, ValueError) as exc:
@@ -484,18 +566,36 @@ def _seeds(flat: Tensor, index: Tensor, start: str,
 
 def _relevance(leaves: tuple[Tensor, ...], grads: Sequence[Tensor | None], sink_ids: list[int],
                run: RunResult) -> tuple[Tensor, ...]:
-    """x * grad plus the relevance that reached the input's shadow leaf (relprop.shadow)."""
+    """Per input: x * grad plus the relevance that reached its shadow leaf
+    (relprop.shadow); for token ids, embedding * grad summed over its lookups.
+
+    `grads` are in the order of `wrt`: floating-point inputs, lookups, shadow leaves."""
+    floats = [p for p, x in enumerate(leaves) if x.is_floating_point()]
+    lookups = [(p, e) for p in range(len(leaves)) for e in run.sources.get(p, ())]
+    at = {p: grads[k] for k, p in enumerate(floats)}
     rel = []
     for p, x in enumerate(leaves):
-        g = grads[p]
+        if not x.is_floating_point():
+            parts = [e.detach() * g for k, (q, e) in enumerate(lookups)
+                     if q == p and (g := grads[len(floats) + k]) is not None]
+            r = sum(parts[1:], parts[0]) if parts else torch.zeros(
+                *x.shape, run.sources[p][0].shape[-1])
+            rel.append(r.detach())
+            continue
+        g = at[p]
         r = x.detach() * g if g is not None else torch.zeros_like(x)
         placeholder = run.placeholder_steps[p]
         if placeholder in sink_ids:
-            sg = grads[len(leaves) + sink_ids.index(placeholder)]
+            sg = grads[len(floats) + len(lookups) + sink_ids.index(placeholder)]
             if sg is not None:
                 r = r + sg
         rel.append(r.detach())
     return tuple(rel)
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating-point type of the model's first floating parameter."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _as_tuple(r: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:

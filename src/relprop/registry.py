@@ -19,6 +19,9 @@ Example::
     relprop.register_function(scaled_tanh, "identity")
     relprop.register_module(MyActivation, "identity")   # module type: never traced into
     relprop.Explainer(model, leaves={"encoder.block3": "gradient"})  # one submodule
+
+Hugging Face's activation modules (`transformers.activations`: NewGELU,
+QuickGELU, ...) are identity leaves without registration.
 """
 
 from __future__ import annotations
@@ -65,4 +68,6 @@ def module_family(module: nn.Module, path: str, leaves: dict[str, str]) -> str |
     for cls in type(module).__mro__:
         if cls in _MODULES:
             return _MODULES[cls]
+    if type(module).__module__ == "transformers.activations":
+        return "identity"  # Hugging Face's activation modules (NewGELU, QuickGELU, ...)
     return None

@@ -163,6 +163,12 @@ class TracedModel:
     # forward parameters fed as constants at every call (attention masks, lengths):
     # placeholders whose values are not explained; placeholder name -> parameter name
     constants: dict[str, str] = field(default_factory=dict)
+    # placeholders holding token ids: explained at their embedding lookups' outputs
+    index_inputs: frozenset[str] = frozenset()
+    # keyword values explaining fixes (use_cache=False), fed like `constants`
+    fixed: dict[str, Any] = field(default_factory=dict)
+    # the user's model (torch.export's root is a new module without the original classes)
+    model: nn.Module | None = None
 
 
 def trace_fx(model: nn.Module, leaves: dict[str, str] | None = None,
@@ -176,6 +182,7 @@ def trace_fx(model: nn.Module, leaves: dict[str, str] | None = None,
     """
     check_keywords(model, inputs, keywords)
     concrete = {k: v for k, v in _defaults(model, inputs).items() if k not in keywords}
+    concrete.update(_explaining_defaults(model, inputs, {k: None for k in keywords}))
     tracer = _Tracer(leaves or {})
     try:
         with TRACE_LOCK, preserved(model, eval_mode=True):
@@ -319,9 +326,15 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
     where the code branches on them."""
     keywords = keywords or {}
     check_keywords(model, len(example), frozenset(keywords))
+    fixed = _explaining_defaults(model, len(example), keywords)
     try:
         with TRACE_LOCK, preserved(model, eval_mode=True):
-            exported = torch.export.export(model, example, kwargs=keywords, strict=False)
+            kwargs = {**keywords, **fixed}
+            try:  # every size free where the code allows (batch, sequence length, ...)
+                exported = torch.export.export(model, example, kwargs=kwargs, strict=False,
+                                               dynamic_shapes=_free_sizes(example, kwargs))
+            except Exception:  # sizes the code specialises on: one program per shape
+                exported = torch.export.export(model, example, kwargs=kwargs, strict=False)
             module = exported.module()
     except Exception as exc:
         raise TraceError(
@@ -329,8 +342,29 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
             f"{type(exc).__name__}: {exc}"
         ) from exc
     holders = [n for n in module.graph.nodes if n.op == "placeholder"]
-    constants = {n.name: k for n, k in zip(holders[len(example):], keywords, strict=False)}
-    return TracedModel(graph=module.graph, root=module, method="export", constants=constants)
+    constants = {n.name: k for n, k in zip(holders[len(example):], [*keywords, *fixed],
+                                           strict=False)}
+    return TracedModel(graph=module.graph, root=module, method="export", constants=constants,
+                       model=model, fixed=fixed)
+
+
+def _free_sizes(example: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """torch.export's dynamic_shapes: Dim.AUTO for every dimension of every tensor."""
+    def free(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return {d: torch.export.Dim.AUTO for d in range(v.dim())}
+        return None
+
+    return (*(free(v) for v in example), *(free(v) for v in kwargs.values()))
+
+
+def _explaining_defaults(model: nn.Module, inputs: int,
+                         keywords: dict[str, Any]) -> dict[str, Any]:
+    """Arguments explaining fixes where the forward has them: no key-value cache
+    (`use_cache=False`; a cache object is no output to explain)."""
+    names = {p.name for p in _parameters(model)[inputs:]}
+    return {"use_cache": False} if "use_cache" in names and "use_cache" not in keywords \
+        else {}
 
 
 def attribute(root: nn.Module, target: str) -> torch.Tensor:

@@ -32,6 +32,11 @@ _ATEN_SAME = {
     "chunk": torch.chunk, "unbind": torch.unbind, "narrow": torch.narrow,
     "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
     "gelu": F.gelu, "layer_norm": F.layer_norm, "hardtanh": F.hardtanh, "mish": F.mish,
+    "matmul": torch.matmul, "bmm": torch.bmm, "mm": torch.mm,
+    "scaled_dot_product_attention": F.scaled_dot_product_attention,
+    "embedding": F.embedding, "cosine_similarity": F.cosine_similarity,
+    "rsqrt": torch.rsqrt, "sqrt": torch.sqrt, "reciprocal": torch.reciprocal,
+    "linalg_vector_norm": torch.linalg.vector_norm, "norm": torch.norm, "std": torch.std,
 }
 _ATEN_MOVES = {"view", "reshape", "_unsafe_view", "select", "slice", "expand", "alias",
                "contiguous", "_to_copy", "to", "split_with_sizes", "max_pool2d_with_indices",
@@ -88,3 +93,19 @@ def _aten_alias(op: Any, like: Callable[..., Any]) -> Callable[..., Any]:
 
 _ALIASES: dict[Callable[..., Any], Callable[..., Any]] = {}
 
+
+
+def meaning(node: fx.Node) -> Any:
+    """What a node computes, without changing it: the torch function (an ATen op's
+    counterpart), or the method name of a call_method node."""
+    if node.op == "call_method":
+        return str(node.target)
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        name = target._opname
+        if name == "addmm":
+            return torch.addmm
+        if name in _ATEN_MOVES:
+            return name  # like the method of that name
+        return _ATEN_SAME.get(name, target)
+    return _ALIASES.get(target, target)

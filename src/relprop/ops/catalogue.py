@@ -48,6 +48,7 @@ from torch import fx, nn
 from ..errors import UnsupportedOperationError
 from ..layers import ConvKernel, ConvTransposeKernel, Kernel, LinearKernel
 from ..registry import function_family
+from ..rules.attention import cosine_similarity
 from .aten import _ALIASES, _aten_as_function
 from .locations import _target_name, node_location, node_path
 from .spec import Kind, OpSpec
@@ -124,6 +125,16 @@ GATES = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _SCALE = {operator.mul, torch.mul, operator.truediv, torch.div, operator.neg, torch.neg,
           operator.imul, operator.itruediv}
 _META = {getattr, len}
+# Products of two tensors that are bilinear maps (the uniform rule when both are
+# activations; a linear map of the one activation otherwise).
+_MATMUL = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+# Token-id lookups: with integer inputs, relevance is explained at their output.
+_EMBEDDING = {F.embedding, torch.embedding}
+# Normalisers: held constant where they scale an activation (RMSNorm's 1/rms, x / |x|).
+STATISTICS = {torch.rsqrt, torch.sqrt, torch.norm, torch.linalg.vector_norm, torch.std,
+              torch.reciprocal}
+STATISTIC_METHODS = {"rsqrt", "sqrt", "norm", "std", "reciprocal"}
 # New tensors whose values do not depend on the input's values (only on its shape).
 _CONSTANT_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,
                        torch.zeros, torch.ones, torch.full, torch.arange, torch.empty}
@@ -266,6 +277,15 @@ def classify(node: fx.Node, root: nn.Module) -> OpSpec:
                       zero_below=meaning in _ZERO_BELOW, gate=meaning in GATES)
     if meaning is F.layer_norm:
         return OpSpec(Kind.NORM, label, path, fn=run(meaning))
+    if meaning in _MATMUL:
+        return OpSpec(Kind.GRADIENT, label, path, fn=run(meaning), product=True)
+    if meaning is F.scaled_dot_product_attention:
+        return OpSpec(Kind.ATTENTION, label, path, fn=run(meaning))
+    if meaning in _EMBEDDING:
+        return OpSpec(Kind.SOURCE, label, path, fn=run(meaning))
+    if meaning is F.cosine_similarity:
+        # the norms held constant, products split uniformly (relprop.rules.attention)
+        return OpSpec(Kind.GRADIENT, label, path, fn=cosine_similarity)
     if meaning in _GRADIENT_FUNCTIONS:
         return OpSpec(Kind.GRADIENT, label, path, fn=run(meaning))
     if meaning in _SCALE:
@@ -322,7 +342,7 @@ def _classify_method(node: fx.Node, path: str, label: str) -> OpSpec:
         return OpSpec(Kind.ELEMENTWISE, label, path, fn=fn,
                       nonneg="always" if name in ("sigmoid", "softmax") else "never",
                       gate=name == "sigmoid")
-    if name in _SCALE_METHODS:
+    if name in _SCALE_METHODS or name in _MATMUL_METHODS:
         return OpSpec(Kind.GRADIENT, label, path, fn=fn, product=True)
     raise UnsupportedOperationError(
         f"no relevance rule for {node_location(node)}")

@@ -27,6 +27,9 @@ class Kind(Enum):
     NORM = "norm"
     RECURRENT = "recurrent"
     META = "meta"
+    SOURCE = "source"  # embedding lookup of token ids: relevance is explained at its output
+    BILINEAR = "bilinear"  # product of two activations (Q K^T, A V, gated MLP): uniform split
+    ATTENTION = "attention"  # scaled_dot_product_attention: AttnLRP / CP-LRP
 
 
 @dataclass
@@ -49,6 +52,7 @@ class OpSpec:
     constant_summand: bool = False  # PROPORTIONAL with a constant term (absorbs like a bias)
     module: Any = None  # RECURRENT: the nn.LSTM / nn.GRU it runs
     signal: int | None = None  # signal * gate: the position of the signal (the gate is detached)
+    weights: int | None = None  # BILINEAR: the operand holding attention weights (softmax)
 
 
 def spec(node: fx.Node) -> OpSpec | None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import UnsupportedOperationError
-from ..ops import SPEC, Kind, OpSpec, classify, node_args, node_location, spec
+from ..ops import SPEC, Kind, OpSpec, classify, meaning, node_args, node_location, spec
 
 _BINARY_SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
                 "add", "sub", "__add__", "__sub__", "add_", "sub_"}
@@ -23,17 +24,59 @@ def is_binary_sum(node: fx.Node) -> bool:
     return node.target in _BINARY_SUMS or getattr(node.target, "_opname", "") in ("add", "sub")
 
 
-def mark_dynamic(graph: fx.Graph, constants: frozenset[str] = frozenset()) -> set[fx.Node]:
-    """Nodes whose value depends on an explained model input (only these need rules).
+def mark_dynamic(graph: fx.Graph, constants: frozenset[str] = frozenset(),
+                 index_inputs: frozenset[str] = frozenset()) -> set[fx.Node]:
+    """Nodes whose value depends on an explained model input and reaches the output
+    (only these need rules).
 
     Placeholders named in `constants` (keyword inputs such as an attention mask) are
-    fed as constants: what depends on them alone needs no rule."""
+    fed as constants: what depends on them alone needs no rule. Placeholders in
+    `index_inputs` hold token ids: relevance is explained at the output of their
+    embedding lookups, which are the roots instead. Nodes marked
+    `relprop_constant` (a held normaliser, relprop.passes.transformer) stop the
+    dependence. What depends on the input but reaches the output only through
+    such a node carries no relevance: it is marked `relprop_constant` too and runs
+    as a constant.
+    """
     dynamic: set[fx.Node] = set()
+    indexed: set[fx.Node] = set()
     for node in graph.nodes:
-        if (node.op == "placeholder" and node.name not in constants) or \
-                any(a in dynamic for a in node_args(node)):
+        if node.op == "placeholder":
+            if node.name in index_inputs:
+                indexed.add(node)
+            elif node.name not in constants:
+                dynamic.add(node)
+            continue
+        if node.meta.get("relprop_constant") == "statistic":
+            continue
+        args = node_args(node)
+        if is_lookup(node, indexed) or any(a in dynamic for a in args):
             dynamic.add(node)
-    return dynamic
+        elif any(a in indexed for a in args):
+            indexed.add(node)
+    return _reaching_output(graph, dynamic)
+
+
+def is_lookup(node: fx.Node, indexed: set[fx.Node]) -> bool:
+    """An embedding lookup of token ids (F.embedding(ids, W); aten.embedding(W, ids))."""
+    if meaning(node) is not F.embedding:
+        return False
+    ids = node.args[1] if isinstance(node.target, torch._ops.OpOverload) else (
+        node.args[0] if node.args else node.kwargs.get("input"))
+    return ids in indexed
+
+
+def _reaching_output(graph: fx.Graph, dynamic: set[fx.Node]) -> set[fx.Node]:
+    """The dynamic nodes on a path to the output; the others are marked constant. Nodes
+    without users stay (a side effect such as an in-place write must meet its rule)."""
+    reach: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node.op == "output" or (node in dynamic and (node in reach or not node.users)):
+            reach.add(node)
+            reach.update(a for a in node_args(node) if a in dynamic)
+    for node in dynamic - reach:
+        node.meta["relprop_constant"] = "unused"
+    return dynamic & reach
 
 
 def classify_nodes(graph: fx.Graph, root: nn.Module, dynamic: set[fx.Node]) -> None:
@@ -86,20 +129,31 @@ def _gate_source(node: fx.Node) -> bool:
 
 
 def _make_gated(node: fx.Node, s: OpSpec, dynamic: set[fx.Node]) -> None:
-    """A product signal * gate: the gate is detached, so all relevance goes to the signal.
+    """A product of two activations.
 
-    In gradient form this is exact: c_signal = c_z * gate, hence R_signal = z * c_z = R_z,
-    and the gate (whose sub-network only decides how much passes) receives nothing.
+    signal * gate (a sigmoid/hardsigmoid factor): the gate is detached, so all
+    relevance goes to the signal. In gradient form this is exact: c_signal = c_z *
+    gate, hence R_signal = z * c_z = R_z, and the gate (whose sub-network only
+    decides how much passes) receives nothing. Any other product (matmul, or mul
+    without a gate: Q K^T, A V, a gated MLP's silu(g) * u) is bilinear: the uniform
+    rule of relprop.rules.attention (the composite's `attention`).
     """
-    is_mul = node.target in (operator.mul, torch.mul, operator.imul, "mul", "mul_",
-                             "__mul__") or getattr(node.target, "_opname", "") == "mul"
+    what = meaning(node)
+    is_mul = what in (operator.mul, torch.mul, operator.imul, "mul", "mul_", "__mul__")
+    is_matmul = what in (torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm",
+                         "mm", "__matmul__")
     factors = node.args[:2]
     gates = [i for i, a in enumerate(factors) if isinstance(a, fx.Node) and _gate_source(a)]
-    if not is_mul or len(factors) != 2 or len(gates) == 0 or len(gates) == 2:
+    if is_matmul or (is_mul and len(factors) == 2 and len(gates) != 1):
+        s.kind = Kind.BILINEAR
+        s.product = False
+        s.label = f"{s.label} (bilinear: uniform split)"
+        return
+    if not is_mul or len(factors) != 2:
         raise UnsupportedOperationError(
-            f"product of two input-dependent tensors at {node_location(node)}: relprop has a "
-            "rule for a product only when exactly one factor is a gate (sigmoid or "
-            "hardsigmoid output)")
+            f"division of two input-dependent tensors at {node_location(node)}: relprop "
+            "has a rule for a quotient only when the divisor is constant or a normaliser "
+            "(sqrt, rsqrt, norm, std) held constant")
     g = gates[0]
     fn = s.fn
 

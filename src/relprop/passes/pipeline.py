@@ -11,19 +11,28 @@ from .classify import classify_nodes, mark_dynamic
 from .functionalize import functionalize
 from .inplace import out_of_place
 from .padding import normalize_padding
+from .transformer import attention_weights, collapse_leaf_modules, hold_statistics, linear_products
 
 
 def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
              leaves: dict[str, str] | None = None,
-             constants: frozenset[str] = frozenset()) -> set[fx.Node]:
-    """Run all passes; returns the set of input-dependent nodes."""
+             constants: frozenset[str] = frozenset(),
+             index_inputs: frozenset[str] = frozenset(),
+             model: nn.Module | None = None) -> set[fx.Node]:
+    """Run all passes; returns the set of input-dependent nodes. `model`: the user's
+    model where `root` is torch.export's module (which has none of its classes)."""
     if functional:
         functionalize(graph, root, leaves)
+    else:
+        collapse_leaf_modules(graph, model if model is not None else root, leaves or {})
     out_of_place(graph)
     normalize_padding(graph)
-    dynamic = mark_dynamic(graph, constants)
+    linear_products(graph, root)
+    hold_statistics(graph)
+    dynamic = mark_dynamic(graph, constants, index_inputs)
     classify_nodes(graph, root, dynamic)
+    attention_weights(graph)
     fold_batchnorm(graph)
     batchnorm_as_affine(graph)
     graph.eliminate_dead_code()
-    return mark_dynamic(graph, constants)
+    return mark_dynamic(graph, constants, index_inputs)

@@ -112,7 +112,8 @@ def plan(traced: TracedModel, composite: Composite) -> list[Step]:
     """The steps of `traced` under `composite`, in forward order (canonizes its graph)."""
     graph = traced.graph
     dynamic = canonize(graph, traced.root, functional=traced.method == "fx",
-                       leaves=traced.leaves, constants=frozenset(traced.constants))
+                       leaves=traced.leaves, constants=frozenset(traced.constants),
+                       index_inputs=traced.index_inputs, model=traced.model)
     nonneg = mark_nonneg(graph, dynamic)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
@@ -151,6 +152,10 @@ def plan(traced: TracedModel, composite: Composite) -> list[Step]:
         elif node.op == "call_method":
             name = str(node.target)
             step.call = lambda obj, *a, _n=name, **k: getattr(obj, _n)(*a, **k)
+        elif node.op == "call_module":  # torch.export's guard on constant inputs
+            step.call = traced.root.get_submodule(str(node.target))
+        if node.meta.get("relprop_constant") and step.call is not None:
+            step.call = _as_constant(step.call)  # a held normaliser and what only it uses
         steps.append(step)
     roles, wanted = plan_shadows(nodes, dynamic, {n for n, st in zip(nodes, steps,
                                                                     strict=True)
@@ -187,6 +192,10 @@ def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
             return LayerNormRule.apply(x, shape, weight, bias, eps, eps_rule, tally)
 
         return layer_norm
+    if s.kind is Kind.ATTENTION:
+        return composite.attention.attention
+    if s.kind is Kind.BILINEAR:
+        return functools.partial(composite.attention.product, fn, weights=s.weights)
     if s.kind is Kind.ELEMENTWISE:
 
         def identity_rule(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -194,6 +203,16 @@ def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
 
         return identity_rule
     return fn
+
+
+def _as_constant(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn computed without autograd: a value that carries no relevance."""
+
+    def constant(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return constant
 
 
 def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Node, int],

@@ -109,3 +109,5 @@ class RunResult:
     sinks: dict[int, Tensor]  # placeholder step -> its shadow leaf (direct relevance)
     recording: Recording | None
     placeholder_steps: list[int] = field(default_factory=list)
+    # token-id inputs: input position -> the leaves made of its embedding lookups' outputs
+    sources: dict[int, list[Tensor]] = field(default_factory=dict)

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, fx
 
 from ..composites import Composite
 from ..errors import InputError, RelpropError
 from ..functions import ShadowIdentity, ShadowSum
-from ..ops import Kind, node_location, spec
+from ..ops import Kind, node_args, node_location, spec
 from ..passes.classify import is_binary_sum
 from ..shadow import MAX_POOLS, Role
 from ..trace import TracedModel, attribute
@@ -51,6 +51,26 @@ class Program:
         self.placeholders = [i for i, s in enumerate(steps) if s.op == "placeholder"
                              and s.name not in traced.constants]
         self._casts: dict[str, tuple[tuple, Tensor, Tensor]] = {}
+        # embedding lookups of token ids: step -> the position of the input they look up
+        self.sources = {i: self._input_of(s.node) for i, s in enumerate(steps)
+                        if s.kind is Kind.SOURCE}
+
+    def _input_of(self, node: fx.Node) -> int:
+        """The explained input (its position) whose token ids a lookup reads."""
+        names = [self.steps[p].name for p in self.placeholders]
+        seen, todo, found = set(), [node], set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "placeholder" and n.name in names:
+                found.add(names.index(n.name))
+            todo.extend(node_args(n))
+        if len(found) != 1:
+            raise InputError(f"the embedding lookup {node_location(node)} reads "
+                             f"{len(found)} token-id inputs; relprop explains lookups of one")
+        return found.pop()
 
     @classmethod
     def build(cls, traced: TracedModel, composite: Composite) -> Program:
@@ -73,11 +93,13 @@ class Program:
         shadows: list[Any] = [None] * len(self.steps)
         rec = Recording(values=env) if record else None
         sinks: dict[int, Tensor] = {}
+        sources: dict[int, list[Tensor]] = {}
         feed = iter(inputs)
         output = None
         for i, step in enumerate(self.steps):
             if step.op == "placeholder" and step.name in self.traced.constants:
-                value = (keywords or {}).get(self.traced.constants[step.name])
+                name = self.traced.constants[step.name]
+                value = (keywords or {}).get(name, self.traced.fixed.get(name))
                 if isinstance(value, Tensor) and dtype is not None and \
                         value.is_floating_point():
                     value = value.to(dtype)
@@ -128,13 +150,16 @@ class Program:
                 raise InputError(
                     f"the model failed at {node_location(step.node)} on input of shape "
                     f"{shapes}: {type(exc).__name__}: {exc}") from exc
+            if step.kind is Kind.SOURCE:  # token embeddings: the explained leaf
+                value = value.detach().to(dtype or value.dtype).requires_grad_(True)
+                sources.setdefault(self.sources[i], []).append(value)
             if rec is not None and step.dynamic:
                 value, shadows[i] = rec.tap_output(i, value, shadows[i])
             env[i] = value
             if rec is None:
                 for j in step.frees:
                     env[j] = shadows[j] = None
-        return RunResult(output, list(inputs), sinks, rec, self.placeholders)
+        return RunResult(output, list(inputs), sinks, rec, self.placeholders, sources)
 
     def _attribute(self, target: str, dtype: torch.dtype | None) -> Any:
         """A parameter or buffer, detached; cast to `dtype` once per parameter version."""

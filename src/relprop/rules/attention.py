@@ -80,10 +80,14 @@ class AttentionRule:
         return F.scaled_dot_product_attention(scaled(q, qk), scaled(k, qk), scaled(v, vs),
                                               *args, **kwargs)
 
-    def product(self, fn: Any, a: Tensor, b: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """fn(a, b) for a bilinear fn (matmul, element-wise mul) of two activations."""
-        share = self.operand_share
-        return fn(scaled(a, share), scaled(b, share), *args, **kwargs)
+    def product(self, fn: Any, a: Tensor, b: Tensor, *args: Any, weights: int | None = None,
+                **kwargs: Any) -> Tensor:
+        """fn(a, b) for a bilinear fn (matmul, element-wise mul) of two activations;
+        `weights`: which operand (0, 1) holds attention weights, if one does."""
+        shares = [self.operand_share, self.operand_share]
+        if self.weights_constant and weights is not None:
+            shares[weights], shares[1 - weights] = 0.0, 1.0
+        return fn(scaled(a, shares[0]), scaled(b, shares[1]), *args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,196 @@
+"""Graph passes for what transformers are made of, beyond convolutions and ReLUs.
+
+- `linear_products`: `x @ W` and `addmm(b, x, W)` with a parameter W (GPT-2's
+  Conv1D) are linear layers: rewritten to F.linear(x, W.T, b), so the composite's
+  rule applies to them like to any nn.Linear.
+- `hold_statistics`: a normaliser (rsqrt / sqrt / norm / std / reciprocal) that
+  only scales an activation (RMSNorm's x * rsqrt(mean(x^2) + eps), x / |x|) is held
+  constant: it carries no relevance, so what computes it needs no rule.
+- `collapse_leaf_modules`: torch.export traces into every module; a module relprop
+  treats as one operation (registered types such as Hugging Face's activations,
+  or the user's `leaves`) is folded back into one node.
+- `attention_weights`: a softmax whose output is an operand of a product of two
+  activations is attention: AttnLRP's Taylor rule (its plain gradient) instead of
+  the identity rule, and the product knows which operand holds the weights (CP-LRP
+  holds them constant).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..ops import STATISTIC_METHODS, STATISTICS, Kind, meaning, node_args, spec
+from ..registry import module_family
+
+_MULTIPLY = {operator.mul, torch.mul, "mul", "__mul__", "mul_"}
+_DIVIDE = {operator.truediv, torch.div, "div", "__truediv__", "div_"}
+# ops a held-constant statistic may pass through on its way to the product
+_PASSING = {torch.Tensor.to, "to", "expand", "expand_as", "view", "reshape", "unsqueeze",
+            "float", "type_as", torch.flatten, torch.unsqueeze}
+
+
+def linear_products(graph: fx.Graph, root: nn.Module) -> None:
+    """matmul(x, W) / addmm(b, x, W) with a 2-d parameter W -> F.linear(x, W.T, b)."""
+    for node in list(graph.nodes):
+        what = meaning(node)
+        if what in (torch.matmul, operator.matmul, torch.mm, "matmul", "__matmul__", "mm"):
+            x, w = node.args[0], node.args[1]
+            bias = None
+        elif what is torch.addmm and not node.kwargs:
+            bias, x, w = node.args[0], node.args[1], node.args[2]
+        else:
+            continue
+        if not (_is_parameter(w, root, dims=2) and (bias is None or _is_parameter(bias, root))):
+            continue
+        with graph.inserting_before(node):
+            wt = graph.call_function(torch.t, (w,))
+            linear = graph.call_function(F.linear, (x, wt, bias))
+        linear.meta.update(node.meta)
+        linear.meta["relprop_label"] = f"{node.meta.get('relprop_label') or _name(node)} " \
+                                       "(as linear)"
+        linear.meta["relprop_module_type"] = nn.Linear
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+
+
+def _name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _is_parameter(node: Any, root: nn.Module, dims: int | None = None) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    from ..trace import attribute
+
+    value = attribute(root, str(node.target))
+    return isinstance(value, torch.Tensor) and (dims is None or value.dim() == dims)
+
+
+def hold_statistics(graph: fx.Graph) -> set[fx.Node]:
+    """Normalisers that only scale activations, marked to be held constant."""
+    held: set[fx.Node] = set()
+    for node in graph.nodes:
+        what = meaning(node)
+        if what not in STATISTICS and what not in STATISTIC_METHODS:
+            continue
+        if node.users and all(_scales(node, user) for user in node.users):
+            node.meta["relprop_constant"] = "statistic"
+            held.add(node)
+    return held
+
+
+def _scales(node: fx.Node, user: fx.Node) -> bool:
+    """`user` multiplies an activation by `node`, or divides one by it (maybe through
+    casts and reshapes)."""
+    what = meaning(user)
+    if what in _PASSING and user.args and user.args[0] is node:
+        return all(_scales(user, u) for u in user.users) and bool(user.users)
+    if what in _MULTIPLY:
+        return node in user.args[:2]
+    if what in _DIVIDE:
+        return len(user.args) > 1 and user.args[1] is node and user.args[0] is not node
+    return False
+
+
+def collapse_leaf_modules(graph: fx.Graph, root: nn.Module, leaves: dict[str, str]) -> None:
+    """Fold the nodes torch.export traced inside a leaf module back into one call.
+
+    `root` is the user's model (module paths from the export's module stack)."""
+    runs: list[tuple[str, list[fx.Node]]] = []
+    for node in graph.nodes:
+        path = _leaf_path(node, root, leaves)
+        if path is None:
+            continue
+        if runs and runs[-1][0] == path and _adjacent(runs[-1][1][-1], node):
+            runs[-1][1].append(node)
+        else:
+            runs.append((path, [node]))
+    for path, nodes in runs:
+        inside = set(nodes)
+        inputs = [a for n in nodes for a in node_args(n) if a not in inside
+                  and a.op != "get_attr"]
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        if len(set(inputs)) != 1 or len(outputs) != 1:
+            continue  # not a one-tensor-in, one-tensor-out call: leave it traced
+        module = root.get_submodule(path)
+        with graph.inserting_before(nodes[0]):
+            call = graph.call_function(_forward_of(module), (inputs[0],))
+        call.meta.update({k: v for k, v in nodes[0].meta.items()
+                          if k in ("nn_module_stack", "stack_trace")})
+        call.meta["relprop_path"] = path
+        call.meta["relprop_label"] = type(module).__name__
+        call.meta["relprop_family"] = module_family(module, path, leaves)
+        outputs[0].replace_all_uses_with(call)
+        for n in reversed(nodes):
+            graph.erase_node(n)
+
+
+def _adjacent(prev: fx.Node, node: fx.Node) -> bool:
+    return prev.next is node
+
+
+def _leaf_path(node: fx.Node, root: nn.Module, leaves: dict[str, str]) -> str | None:
+    """The outermost module on the node's module stack that relprop treats as a leaf."""
+    if node.op != "call_function":
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) else None
+        if not path:
+            continue
+        path = path.removeprefix("L['self'].").removeprefix("L__self__.")
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            continue
+        if module_family(module, path, leaves) is not None:
+            return path
+    return None
+
+
+def _forward_of(module: nn.Module) -> Callable[..., Any]:
+    def forward(x: Any) -> Any:
+        return type(module).forward(module, x)
+
+    forward.__name__ = type(module).__name__
+    return forward
+
+
+def attention_weights(graph: fx.Graph) -> None:
+    """Softmax outputs multiplied with another activation are attention weights."""
+    for node in graph.nodes:
+        s = spec(node)
+        if s is None or s.kind is not Kind.BILINEAR:
+            continue
+        for position, operand in enumerate(node.args[:2]):
+            softmax = _softmax_source(operand)
+            if softmax is not None:
+                sm = spec(softmax)
+                sm.kind = Kind.GRADIENT  # AttnLRP's Taylor rule is the softmax's gradient
+                sm.label = f"{sm.label} (attention: Taylor rule)"
+                s.weights = position
+
+
+_SOFTMAX = {F.softmax, torch.softmax, "softmax"}
+
+
+def _softmax_source(node: Any) -> fx.Node | None:
+    """The softmax node `node` is (through moves, casts and dropout), if any."""
+    while isinstance(node, fx.Node):
+        s = spec(node)
+        if s is None:
+            return None
+        if meaning(node) in _SOFTMAX:
+            return node
+        if s.kind is Kind.GRADIENT and not s.product and len(
+                [a for a in node_args(node) if spec(a) is not None]) == 1 and node.args:
+            node = node.args[0]
+            continue
+        return None
+    return None
