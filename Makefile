@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-ci.txt -e '.[test,demo]'
+	# LXT 2.1, the AttnLRP authors' code, as a test oracle run in a subprocess; its declared
+	# dependencies (bitsandbytes, open_clip, accelerate) are not needed for what we run
+	$(BIN)/pip install --quiet --no-deps lxt==2.1
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -230,3 +230,20 @@ def test_lxt_matches_explicit_reference(lxt, arch, impl):
     scale = expected.abs().max()
     assert scale > 0
     assert (R - expected).abs().max() / scale < REF_TOL
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_relprop_matches_lxt(lxt, arch, impl):
+    """relprop's traced AttnLRP on the unchanged float32 model (padding mask included)
+    against LXT's patched one, the same start relevance (the logit)."""
+    import relprop
+
+    model, ids, mask, out = lxt[("tiny", arch, impl)]
+    target = LABEL if arch == "bert" else (POSITION, TOKEN)
+    got = relprop.Explainer(model, "attnlrp")(ids, target=target,
+                                              forward_kwargs={"attention_mask": mask})
+    R = out["relevance"]
+    assert (got.embeddings - R).abs().max() / R.abs().max() < REF_TOL
+    torch.testing.assert_close(got.explained, target_logit(arch, model(
+        input_ids=ids, attention_mask=mask).logits).detach(), rtol=1e-6, atol=1e-6)

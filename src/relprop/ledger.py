@@ -140,6 +140,8 @@ def build_ledger(program, run, batch: int, explained: Tensor,
         spec = step.node.meta["relprop"]
         bias = tally.bias if tally is not None and tally.bias is not None else zero
         stab = tally.stabilizer if tally is not None and tally.stabilizer is not None else zero
+        if spec.kind is Kind.SOURCE:  # token embeddings: what arrives is the input's
+            out = r_in
         if spec.kind is Kind.PROPORTIONAL:  # a sum leaks only to its stabilizer / constants
             if spec.constant_summand:
                 bias = r_in - out

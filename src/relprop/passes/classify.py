@@ -52,9 +52,22 @@ def mark_dynamic(graph: fx.Graph, constants: frozenset[str] = frozenset(),
         args = node_args(node)
         if is_lookup(node, indexed) or any(a in dynamic for a in args):
             dynamic.add(node)
-        elif any(a in indexed for a in args):
-            indexed.add(node)
+        elif any(a in indexed for a in args) and not _reads_shape_only(node):
+            indexed.add(node)  # (positions made from the ids' length are no token ids)
     return _reaching_output(graph, dynamic)
+
+
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__"}
+_SHAPE_ATEN = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata"}
+
+
+def _reads_shape_only(node: fx.Node) -> bool:
+    """A node that reads a tensor's size, not its values."""
+    if node.op == "call_method":
+        return str(node.target) in _SHAPE_METHODS
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._opname in _SHAPE_ATEN
+    return node.target in (getattr, len)
 
 
 def is_lookup(node: fx.Node, indexed: set[fx.Node]) -> bool:

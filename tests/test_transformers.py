@@ -1,0 +1,165 @@
+"""Hugging Face transformers explained unchanged, against the explicit AttnLRP reference.
+
+tests/reference_attnlrp.py rebuilds each tiny model from its weights and sends
+relevance back rule by rule (independent of relprop's trace); here relprop's
+traced path on the unchanged models must agree with it, for eager and SDPA
+attention. float64 throughout. With the sums' stabilizer at 0 both sides apply
+the same formulas; with relprop's default stabilizer the two place it at
+different sums (relprop: every traced binary add, the reference: one sum per
+block), so only the stabilizer-free comparison is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checks import snapshot
+
+import relprop
+from relprop.errors import InputError, TargetError
+
+ref = pytest.importorskip("reference_attnlrp")
+
+IMPLS = ("eager", "sdpa")
+IDS = torch.tensor([[3, 7, 11, 2, 9, 14, 5], [1, 2, 3, 4, 5, 6, 7]])
+
+
+def _deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("epsilon", [1e-6, 0.1])
+def test_llama_matches_reference(impl: str, epsilon: float) -> None:
+    model = ref.tiny_llama(0, impl)
+    expl = relprop.Explainer(model, "attnlrp", epsilon=epsilon, stabilizer=0.0)
+    for position in (6, 3):
+        got = expl(IDS, target=(position, 4))
+        want = ref.llama_relevance(model, IDS, position=position, token=4, epsilon=epsilon,
+                                   stabilizer=0.0)
+        # LLaMA's eager softmax and RMSNorm run in float32 even in a float64 model
+        assert _deviation(got.embeddings, want) < 1e-6
+        torch.testing.assert_close(got.relevance, want.sum(-1), rtol=0,
+                                   atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gpt2_matches_reference(impl: str) -> None:
+    model = ref.tiny_gpt2(0, impl)
+    got = relprop.Explainer(model, "attnlrp", stabilizer=0.0)(IDS, target=4)
+    want = ref.gpt2_relevance(model, IDS, position=-1, token=4, stabilizer=0.0)
+    assert _deviation(got.embeddings, want) < 1e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bert_matches_reference_with_padding(impl: str) -> None:
+    model = ref.tiny_bert(0, impl)
+    mask = torch.ones_like(IDS)
+    mask[1, 5:] = 0
+    got = relprop.Explainer(model, "attnlrp", stabilizer=0.0)(
+        IDS, target=1, forward_kwargs={"attention_mask": mask})
+    want = ref.bert_relevance(model, IDS, label=1, attention_mask=mask, stabilizer=0.0,
+                              mask_rule="pass" if impl == "sdpa" else "sum")
+    assert _deviation(got.embeddings, want) < 1e-6
+    assert torch.all(got.relevance[1, 5:] == 0)  # padded tokens take nothing
+
+
+def test_default_stabilizer_stays_close_to_reference() -> None:
+    model = ref.tiny_llama(0, "sdpa")
+    got = relprop.Explainer(model, "attnlrp")(IDS, target=4)
+    want = ref.llama_relevance(model, IDS, token=4)
+    assert _deviation(got.embeddings, want) < 1e-5
+
+
+def test_eager_and_sdpa_give_the_same_relevance() -> None:
+    # (with a stabilizer, eager's traced `scores + mask` sum takes its share; the SDPA
+    # kernel adds the mask inside: they then differ by about the stabilizer, 1e-6)
+    a = relprop.Explainer(ref.tiny_gpt2(0, "eager"), "attnlrp", stabilizer=0.0)(IDS, target=4)
+    b = relprop.Explainer(ref.tiny_gpt2(0, "sdpa"), "attnlrp", stabilizer=0.0)(IDS, target=4)
+    torch.testing.assert_close(a.relevance, b.relevance, rtol=0, atol=1e-9)
+
+
+def test_next_token_targets_and_positions() -> None:
+    model = ref.tiny_llama(0, "sdpa")
+    expl = relprop.Explainer(model, "attnlrp")
+    last = expl(IDS, target=4)
+    assert torch.equal(last.relevance, expl(IDS, target=(6, 4)).relevance)
+    assert torch.equal(last.relevance, expl(IDS, target=4, position=-1).relevance)
+    predicted = expl(IDS)
+    logits = model(IDS).logits[:, -1]
+    assert torch.equal(predicted.target % 50, logits.argmax(-1))
+    several = expl(IDS, target=[[(5, 4), (6, 9)]])  # two tokens, one forward
+    assert several.relevance.shape == (2, 2, 7)
+    one = expl(IDS, target=(5, 4))
+    torch.testing.assert_close(several.relevance[:, 0], one.relevance, rtol=0, atol=1e-12)
+    # causal: positions after the explained one take nothing
+    assert torch.all(one.relevance[:, 6] == 0)
+    with pytest.raises(TargetError, match="position=9"):
+        expl(IDS, target=4, position=9)
+
+
+def test_another_batch_size_and_length_reuse_the_trace() -> None:
+    model = ref.tiny_llama(0, "sdpa")
+    expl = relprop.Explainer(model, "attnlrp")
+    expl(IDS, target=4)
+    short = IDS[:1, :5]
+    got = expl(short, target=4)
+    want = ref.llama_relevance(model, short, token=4)
+    assert _deviation(got.embeddings, want) < 1e-5
+    assert len(expl._programs) == 1
+
+
+def test_explaining_leaves_the_model_untouched() -> None:
+    model = ref.tiny_bert(0, "sdpa")
+    model.train()
+    before = snapshot(model)
+    relprop.Explainer(model, "attnlrp")(IDS, target=0)
+    assert snapshot(model) == before
+
+
+def test_ledger_on_a_bias_free_llama_leaks_only_in_attention() -> None:
+    model = ref.tiny_llama(0, "sdpa")
+    expl = relprop.Explainer(model, "attnlrp", epsilon=0.0, stabilizer=0.0)(
+        IDS[:1], target=4, record=True)
+    # LLaMA's RMSNorm casts to float32 and back even in a float64 model: those casts round
+    # (about 1e-7 of the relevance); anything more is a leak
+    tol = 1e-6 * float(expl.explained[0])
+    other = {e.node: float(e.other[0]) for e in expl.ledger.entries
+             if abs(float(e.other[0])) > tol}
+    assert other and all("attention" in n for n in other), other
+    assert len(other) == model.config.num_hidden_layers  # one softmax rule per layer
+    torch.testing.assert_close(float(expl.ledger.at_input[0]),
+                               float(expl.explained[0]) - sum(other.values()), rtol=0,
+                               atol=10 * tol)
+
+
+def test_cp_lrp_differs_from_attnlrp() -> None:
+    model = ref.tiny_llama(0, "eager")
+    a = relprop.Explainer(model, "attnlrp")(IDS, target=4).embeddings
+    b = relprop.Explainer(model, "cp_lrp")(IDS, target=4).embeddings
+    assert _deviation(b, a) > 0.05
+    s = relprop.Explainer(ref.tiny_llama(0, "sdpa"), "cp_lrp")(IDS, target=4).embeddings
+    torch.testing.assert_close(s, b, rtol=0, atol=1e-6 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_causal_lm_configs_run(family: str) -> None:
+    import transformers
+
+    config_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=50, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64, use_cache=False, initializer_range=0.2)
+    model = model_cls(config).eval()
+    got = relprop.Explainer(model, "attnlrp")(IDS, target=4)
+    assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
+
+
+def test_integer_input_without_embedding_is_refused() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with pytest.raises((InputError, relprop.RelpropError)):
+        relprop.Explainer(model)(torch.ones(2, 4, dtype=torch.long))
