@@ -84,6 +84,67 @@ def abpc(morf_curve: Tensor, lerf_curve: Tensor) -> Tensor:
     return (lerf_curve - morf_curve).mean(1)
 
 
+def token_deletion(model_fn: Callable[[Tensor, Tensor], Tensor], ids: Tensor,
+                   relevance: Tensor, *, attention_mask: Tensor | None = None,
+                   deletable: Tensor | None = None, replace_id: int | None = None,
+                   steps: int = 10, order: str = "morf",
+                   batch_size: int | None = None) -> Tensor:
+    """The score of a text model while its tokens are deleted, most relevant first.
+
+    model_fn(ids, attention_mask) -> (B,) scores (a logit, a similarity); ids (B, T) token
+    ids; relevance (B, T) per token (or (B, T, D), summed over D); attention_mask (B, T)
+    (default all ones); deletable (B, T) bool, the tokens that may go (default: those the
+    mask keeps; leave out [CLS]/[SEP]-like tokens here). A deleted token is replaced by
+    `replace_id` ([MASK] or the pad id), or with replace_id None removed: its attention
+    mask entry set to 0, so attention and masked pooling no longer see it (positions of
+    the others unchanged).
+
+    Returns (B, steps + 1): column k is the score with the first ceil(k * n_i / steps) of
+    sample i's n_i deletable tokens deleted, in the order of the ranking ("morf": highest
+    relevance first, "lerf": lowest; ties go to the earlier token), so column 0 is the
+    untouched input, the last column has every deletable token gone, and sentences of
+    different lengths share one curve length. aopc(curve) is the area over it. batch_size:
+    sequences per model_fn call, rounded down to whole steps of B (None: one call per step).
+    """
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise InputError(f"ids must be (B, T) integer token ids, got {ids.dtype} "
+                         f"{tuple(ids.shape)}")
+    r = relevance.detach()
+    r = r.sum(-1) if r.dim() == 3 else r
+    if r.shape != ids.shape:
+        raise InputError(f"relevance has shape {tuple(relevance.shape)}; expected "
+                         f"{tuple(ids.shape)} (or with an embedding axis)")
+    if not torch.isfinite(r).all():
+        raise InputError("relevance contains NaN or Inf; tokens cannot be ranked")
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.device)
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask has shape {tuple(mask.shape)}; expected "
+                         f"{tuple(ids.shape)}")
+    allowed = mask.bool() if deletable is None else deletable.to(ids.device).bool() & \
+        mask.bool()
+    steps = _check_steps(steps)
+    # the ranking: non-deletable tokens last, whatever their relevance
+    fence = torch.tensor(float("-inf") if order == "morf" else float("inf"), dtype=r.dtype,
+                         device=r.device)
+    ranking = _rank(torch.where(allowed, r, fence), order)
+    rank = torch.empty_like(ranking)
+    rank.scatter_(1, ranking, torch.arange(ids.shape[1], device=ids.device).expand_as(ranking))
+    n = allowed.sum(1, keepdim=True)
+    path = []
+    for k in range(steps + 1):
+        gone = allowed & (rank < torch.div(k * n + steps - 1, steps, rounding_mode="floor"))
+        if replace_id is None:
+            path.append((ids, mask.masked_fill(gone, 0)))
+        else:
+            path.append((ids.masked_fill(gone, replace_id), mask))
+    scores = []
+    with torch.no_grad():
+        for chunk in _chunks(path, _steps_per_pass(batch_size, ids.shape[0])):
+            out = model_fn(torch.cat([c[0] for c in chunk]), torch.cat([c[1] for c in chunk]))
+            scores.extend(out.detach().reshape(len(chunk), ids.shape[0]).unbind(0))
+    return torch.stack(scores, 1)
+
+
 def randomization_check(model: nn.Module, x: Tensor, explain_fn: ExplainFn,
                         target: int | Tensor, seed: int = 0) -> dict[str, list[str] | Tensor]:
     """Cascading model randomisation (Adebayo et al. 2018), from the output layer down.

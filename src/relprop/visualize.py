@@ -276,3 +276,115 @@ def _target_title(cls: int, explained: float, class_names: Sequence[str] | None)
         return f"given output relevance\nR={explained:.3g}"
     name = f" {class_names[cls]}" if class_names is not None and cls < len(class_names) else ""
     return f"{cls}{name}\nR={explained:.3g}"
+
+
+# --- token heatmaps (text transformers) ----------------------------------------------------
+
+# markers a tokenizer puts on a token: WordPiece continues a word with "##"; byte-level BPE
+# (GPT-2, RoBERTa) starts a word with "Ġ" and SentencePiece (LLaMA, T5) with "▁"
+_CONTINUES = "##"
+_STARTS = ("Ġ", "▁")
+
+
+def token_words(tokens: Sequence[str]) -> list[tuple[str, bool]]:
+    """(text to show, starts a new word) per token: WordPiece's '##' pieces glue onto the
+    token before, a BPE / SentencePiece word-start marker ('Ġ', '▁') becomes a space."""
+    bpe = any(tok.startswith(_STARTS) for tok in tokens)
+    out = []
+    for i, tok in enumerate(tokens):
+        if tok.startswith(_CONTINUES) and len(tok) > 2 and i > 0:
+            out.append((tok[2:], False))
+        elif tok.startswith(_STARTS) and len(tok) > 1:
+            out.append((tok[1:], True))
+        else:  # with a BPE tokenizer, a token without the marker continues the word
+            out.append((tok, not (bpe and i > 0)))
+    return out
+
+
+def _token_values(tokens: Sequence[str], relevance) -> np.ndarray:
+    r = to_map(relevance).reshape(-1)
+    if len(tokens) != len(r):
+        raise ValueError(f"{len(tokens)} tokens for {len(r)} relevance values")
+    if not np.isfinite(r).all():
+        raise ValueError("relevance contains NaN or Inf")
+    return r
+
+
+def _token_colors(r: np.ndarray, cmap: str | Colormap) -> np.ndarray:
+    """(T, 3) RGB in [0, 1]: r / max|r| through a diverging colour map, zero exactly at its
+    centre (the map resampled to an odd number of colours: 0.5 hits the middle one)."""
+    cm = colormap(cmap).resampled(257)
+    return np.asarray(cm((normalize(r) + 1) / 2))[..., :3].reshape(-1, 3)
+
+
+def _ink(rgb: Sequence[float]) -> str:
+    """Black text on light backgrounds, white on dark ones."""
+    return "#000" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 0.5 else "#fff"
+
+
+def token_html(tokens: Sequence[str], relevance, cmap: str | Colormap = "bwr",
+               label: str = "") -> str:
+    """Tokens as coloured HTML spans: relevance / max|relevance| through a diverging colour
+    map centred at zero (bwr: red positive, white zero, blue negative). Each span's title
+    (the tooltip) holds its token and relevance; tokens are HTML-escaped, and WordPiece
+    pieces ('##ing') are shown glued to the token before, without the '##'. `label`, if
+    given, is shown (escaped) in front of the tokens."""
+    import html
+
+    r = _token_values(tokens, relevance)
+    colors = _token_colors(r, cmap)
+    parts = [f'<span class="relprop-label">{html.escape(label)}</span> '] if label else []
+    for i, ((text, new_word), value, rgb) in enumerate(zip(token_words(tokens), r, colors,
+                                                           strict=True)):
+        red, green, blue = (int(round(255 * c)) for c in rgb)
+        if new_word and i > 0:
+            parts.append(" ")
+        title = html.escape(f"{tokens[i]}: {value:+.4g}", quote=True)
+        parts.append(f'<span class="relprop-token" title="{title}" style="background: '
+                     f'rgb({red},{green},{blue}); color: {_ink(rgb)}; padding: 1px 0; '
+                     f'border-radius: 2px">{html.escape(text)}</span>')
+    return ('<div class="relprop-tokens" style="font-family: monospace; line-height: 1.9">'
+            + "".join(parts) + "</div>")
+
+
+def token_png(tokens: Sequence[str], relevance, path: str | Path | None = None,
+              cmap: str | Colormap = "bwr", width: float = 8.0, fontsize: float = 11.0,
+              title: str = "") -> bytes:
+    """The tokens as coloured boxes (colours as token_html), wrapped into lines `width`
+    inches wide: PNG bytes, also written to `path` if given."""
+    from matplotlib.patches import Rectangle
+
+    r = _token_values(tokens, relevance)
+    colors = _token_colors(r, cmap)
+    char, line, pad, margin = 0.602 * fontsize, 2.0 * fontsize, 0.3 * fontsize, 8.0  # points
+    usable = width * 72 - 2 * margin
+    boxes, x, row = [], 0.0, 0
+    for text, new_word in token_words(tokens):
+        w = max(len(text), 1) * char + 2 * pad
+        gap = char if new_word else 1.0
+        if x > 0 and x + gap + w > usable:
+            x, row, gap = 0.0, row + 1, 0.0
+        x += gap if x > 0 else 0.0
+        boxes.append((x, row, w, text))
+        x += w
+    top = line * 1.2 if title else 0.0
+    height = (row + 1) * line + top + 2 * margin
+    fig = new_figure(width, height / 72)
+    to_x, to_y = 1 / (width * 72), 1 / height
+    if title:
+        fig.text(margin * to_x, 1 - (margin + 0.5 * line) * to_y, title, fontsize=fontsize,
+                 va="center", ha="left")
+    for (bx, brow, w, text), rgb in zip(boxes, colors, strict=True):
+        y0 = height - margin - top - (brow + 1) * line + 0.15 * line
+        fig.patches.append(Rectangle(((margin + bx) * to_x, y0 * to_y), w * to_x,
+                                     0.7 * line * to_y, transform=fig.transFigure,
+                                     facecolor=rgb, edgecolor="#999999", linewidth=0.3))
+        fig.text((margin + bx + w / 2) * to_x, (y0 + 0.35 * line) * to_y, text,
+                 fontsize=fontsize, family="monospace", ha="center", va="center",
+                 color=_ink(rgb))
+    data = figure_png(fig)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return data
