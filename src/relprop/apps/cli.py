@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from .dataset_cli import add_parser as add_explain_dataset
 
     add_explain_dataset(sub, _model_options)
+    from .explain_text_cli import add_parser as add_explain_text
+
+    add_explain_text(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             from .dataset_cli import run as run_explain_dataset
 
             run_explain_dataset(args)
+        elif args.command == "explain-text":
+            from .explain_text_cli import run as run_explain_text
+
+            run_explain_text(args)
     except RelpropError as exc:
         print(f"relprop: error: {exc}", file=sys.stderr)
         return 2
