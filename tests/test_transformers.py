@@ -163,3 +163,70 @@ def test_integer_input_without_embedding_is_refused() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 2))
     with pytest.raises((InputError, relprop.RelpropError)):
         relprop.Explainer(model)(torch.ones(2, 4, dtype=torch.long))
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 5, bias=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cosine_similarity(self.proj(a), self.proj(b), dim=-1)
+
+
+def test_cosine_similarity_splits_half_to_each_side() -> None:
+    """Norms held constant, each product term halved: with LRP-0 below, each input gets
+    exactly half of the cosine."""
+    torch.manual_seed(0)
+    model = _Pair().double()
+    a, b = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    expl = relprop.Explainer(model, "lrp0")((a, b), output_relevance=model(a, b).detach())
+    cos = model(a, b).detach()
+    torch.testing.assert_close(expl.relevance[0].sum(1), cos / 2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(expl.relevance[1].sum(1), cos / 2, rtol=0, atol=1e-12)
+
+
+class _Similarity(torch.nn.Module):
+    """Cosine similarity of two mean-pooled sentence embeddings (sentence-transformers)."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+    def forward(self, a, b, mask_a, mask_b):
+        return torch.nn.functional.cosine_similarity(self.embed(a, mask_a),
+                                                     self.embed(b, mask_b), dim=-1)
+
+
+def test_sentence_similarity_explains_both_sentences() -> None:
+    model = _Similarity(ref.tiny_bert(0, "sdpa").bert)
+    a, b = IDS[:1, :5], IDS[1:, :6]
+    kw = {"mask_a": torch.ones_like(a), "mask_b": torch.ones_like(b)}
+    expl = relprop.Explainer(model, "attnlrp")((a, b), forward_kwargs=kw,
+                                               output_relevance=torch.ones(1, 1).double())
+    ra, rb = expl.relevance
+    assert ra.shape == a.shape and rb.shape == b.shape
+    assert torch.isfinite(ra).all() and ra.abs().sum() > 0 and rb.abs().sum() > 0
+
+
+def test_a_batch_of_one_traces_for_every_batch_size() -> None:
+    model = ref.tiny_gpt2(0, "sdpa")
+    expl = relprop.Explainer(model, "attnlrp")
+    one = expl(IDS[:1], target=4)
+    two = expl(IDS, target=4)
+    torch.testing.assert_close(two.relevance[:1], one.relevance, rtol=0, atol=1e-12)
+
+
+def test_gamma_on_linear_layers_is_an_option() -> None:
+    model = ref.tiny_bert(0, "sdpa")
+    expl = relprop.Explainer(model, "attnlrp", gamma=0.25)
+    assert expl.composite.describe()["default"]["rule"] == "Gamma"
+    assert relprop.Explainer(model, "attnlrp").composite.describe()["default"]["rule"] == \
+        "Epsilon"
+    got = expl(IDS, target=1)
+    assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0

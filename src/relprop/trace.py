@@ -331,8 +331,10 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
         with TRACE_LOCK, preserved(model, eval_mode=True):
             kwargs = {**keywords, **fixed}
             try:  # every size free where the code allows (batch, sequence length, ...)
-                exported = torch.export.export(model, example, kwargs=kwargs, strict=False,
-                                               dynamic_shapes=_free_sizes(example, kwargs))
+                # export specialises sizes 0 and 1: a batch of one is traced as two
+                doubled, kw2 = _doubled(example), _doubled(kwargs, len(example[0]))
+                exported = torch.export.export(model, doubled, kwargs=kw2, strict=False,
+                                               dynamic_shapes=_free_sizes(doubled, kw2))
             except Exception:  # sizes the code specialises on: one program per shape
                 exported = torch.export.export(model, example, kwargs=kwargs, strict=False)
             module = exported.module()
@@ -346,6 +348,22 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
                                            strict=False)}
     return TracedModel(graph=module.graph, root=module, method="export", constants=constants,
                        model=model, fixed=fixed)
+
+
+def _doubled(values: Any, batch: int | None = None) -> Any:
+    """A batch of one repeated twice (tensors whose first size is 1), else unchanged."""
+    if isinstance(values, dict):
+        if batch != 1:
+            return values
+        return {k: _doubled(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+    if isinstance(values, tuple):
+        if not values or not isinstance(values[0], torch.Tensor) or values[0].dim() == 0 \
+                or values[0].shape[0] != 1:
+            return values
+        return tuple(_doubled(v) for v in values)
+    if isinstance(values, torch.Tensor) and values.dim() and values.shape[0] == 1:
+        return torch.cat([values, values])
+    return values
 
 
 def _free_sizes(example: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
