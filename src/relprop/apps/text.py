@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import torch
@@ -85,9 +86,15 @@ def similarity_relevance(model: nn.Module, batch: dict[str, Tensor],
     from ..explain import Explainer
 
     sim = SentenceSimilarity(model).eval()
-    expl = Explainer(sim, composite)((batch["ids_a"], batch["ids_b"]), target=0,
-                                     forward_kwargs={"mask_a": batch["mask_a"],
-                                                     "mask_b": batch["mask_b"]})
+    export_log = logging.getLogger("torch._export")  # its notes on specialised sizes
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
+    try:
+        expl = Explainer(sim, composite)((batch["ids_a"], batch["ids_b"]), target=0,
+                                         forward_kwargs={"mask_a": batch["mask_a"],
+                                                         "mask_b": batch["mask_b"]})
+    finally:
+        export_log.setLevel(level)
     return expl.explained.reshape(-1), expl.relevance[0], expl.relevance[1]
 
 
