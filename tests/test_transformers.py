@@ -230,3 +230,17 @@ def test_gamma_on_linear_layers_is_an_option() -> None:
         "Epsilon"
     got = expl(IDS, target=1)
     assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_half_precision_models_are_explained_in_float32(arch: str, dtype: torch.dtype) -> None:
+    """The trace's casts to the half type and its dtype checks follow the float32
+    computation; the result equals the float32 explanation of the same rounded weights,
+    up to the final rounding of the relevance to the half type."""
+    model = getattr(ref, f"tiny_{arch}")(0, "sdpa").to(dtype)
+    got = relprop.Explainer(model, "attnlrp")(IDS, target=4)
+    assert got.relevance.dtype == dtype
+    rounded = getattr(ref, f"tiny_{arch}")(0, "sdpa").to(dtype).float()
+    want = relprop.Explainer(rounded, "attnlrp")(IDS, target=4).relevance
+    assert _deviation(got.relevance.float(), want) < 1e-2

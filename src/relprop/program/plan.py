@@ -102,6 +102,8 @@ class Step:
     shadow_out: bool = False  # a consumer wants this step's shadow
     fast: Callable[..., Any] | None = None  # replaces `call` when not recording (relprop.fused)
     frees: list[int] = field(default_factory=list)
+    # names a half-precision dtype (a traced cast): computed in float32, it casts to that
+    half_literal: bool = False
 
     @property
     def name(self) -> str:
@@ -154,6 +156,9 @@ def plan(traced: TracedModel, composite: Composite) -> list[Step]:
             step.call = lambda obj, *a, _n=name, **k: getattr(obj, _n)(*a, **k)
         elif node.op == "call_module":  # torch.export's guard on constant inputs
             step.call = traced.root.get_submodule(str(node.target))
+        step.half_literal = _names_half((node.args, node.kwargs))
+        if _is_metadata_assert(node):  # torch.export's dtype/device checks of the trace
+            step.call = _no_check
         if node.meta.get("relprop_constant") and step.call is not None:
             step.call = _as_constant(step.call)  # a held normaliser and what only it uses
         steps.append(step)
@@ -203,6 +208,25 @@ def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
 
         return identity_rule
     return fn
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _names_half(value: Any) -> bool:
+    found = []
+    fx.node.map_aggregate(value, lambda v: found.append(v in HALF) if isinstance(
+        v, torch.dtype) else None)
+    return any(found)
+
+
+def _is_metadata_assert(node: fx.Node) -> bool:
+    return getattr(node.target, "_opname", None) == "_assert_tensor_metadata"
+
+
+def _no_check(*args: Any, **kwargs: Any) -> None:
+    """The trace's dtype assertions: a half model is explained in float32."""
+    return None
 
 
 def _as_constant(fn: Callable[..., Any]) -> Callable[..., Any]:

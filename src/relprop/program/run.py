@@ -122,6 +122,8 @@ class Program:
                 continue
             tap = rec.edge_tap(i, self.steps) if rec is not None and step.dynamic else None
             args = _resolve(step.args, env, tap)
+            if dtype is not None and step.half_literal:
+                args = _as_dtype(args, dtype)
             if step.op == "output":
                 output = args[0] if isinstance(args, tuple) and len(args) == 1 else args
                 if self.traced.method == "export" and isinstance(output, tuple | list) and \
@@ -129,6 +131,8 @@ class Program:
                     output = output[0]  # export flattens outputs into a tuple
                 break
             kwargs = _resolve(step.kwargs, env, tap)
+            if dtype is not None and step.half_literal:
+                kwargs = _as_dtype(kwargs, dtype)
             try:
                 if rec is not None:
                     kwargs = rec.with_tally(i, step.kind, kwargs)
@@ -273,6 +277,12 @@ class Program:
             out = ShadowSum.apply(value, parts, count, eps, port)
             return out if port else (out, None)
         return step.call(*args, **kwargs), None
+
+
+def _as_dtype(value: Any, dtype: torch.dtype) -> Any:
+    """Half-precision dtypes named in a step's arguments, replaced by the compute dtype."""
+    return fx.node.map_aggregate(value, lambda v: dtype if v in (
+        torch.float16, torch.bfloat16) else v)
 
 
 def _map_refs(value: Any, fn: Callable[[_Ref], Any]) -> Any:
