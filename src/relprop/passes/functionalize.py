@@ -17,6 +17,7 @@ from ..errors import UnsupportedOperationError
 from ..ops import conv_padding, node_location
 from ..ops.catalogue import _identity
 from ..registry import module_family
+from .multihead import expand_multihead_attention
 
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FUNCTIONS_BY_NDIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -52,6 +53,9 @@ def functionalize(graph: fx.Graph, root: nn.Module, leaves: dict[str, str] | Non
         if family is not None:  # a leaf chosen by the user: runs its own forward, no hooks
             node.meta["relprop_family"] = family
             node.op, node.target = "call_function", _leaf_forward(module)
+            continue
+        if isinstance(module, nn.MultiheadAttention):  # several nodes: passes.multihead
+            expand_multihead_attention(graph, node, module, path)
             continue
         if isinstance(module, _RECURRENT):
             node.meta["relprop_recurrent"] = module

@@ -10,6 +10,7 @@ from .batchnorm import batchnorm_as_affine, fold_batchnorm
 from .classify import classify_nodes, mark_dynamic
 from .functionalize import functionalize
 from .inplace import out_of_place
+from .masks import wrapped_attention_masks
 from .padding import normalize_padding
 from .transformer import attention_weights, collapse_leaf_modules, hold_statistics, linear_products
 
@@ -25,6 +26,7 @@ def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
         functionalize(graph, root, leaves)
     else:
         collapse_leaf_modules(graph, model if model is not None else root, leaves or {})
+    wrapped_attention_masks(graph)
     out_of_place(graph)
     normalize_padding(graph)
     linear_products(graph, root)
