@@ -244,3 +244,27 @@ def test_half_precision_models_are_explained_in_float32(arch: str, dtype: torch.
     rounded = getattr(ref, f"tiny_{arch}")(0, "sdpa").to(dtype).float()
     want = relprop.Explainer(rounded, "attnlrp")(IDS, target=4).relevance
     assert _deviation(got.relevance.float(), want) < 1e-2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_llama_shapes_match_reference(seed: int) -> None:
+    """Configurations nobody planned: random heads, grouped-query ratios, widths, depths,
+    batch sizes, lengths and targets, against the explicit reference."""
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def pick(*options: int) -> int:
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    kv = pick(1, 2)
+    heads = kv * pick(1, 2, 3)
+    head_dim = pick(2, 4, 8)
+    model = ref.tiny_llama(seed, pick(0, 1) and "sdpa" or "eager",
+                           hidden_size=heads * head_dim, num_attention_heads=heads,
+                           num_key_value_heads=kv, intermediate_size=pick(8, 24, 40),
+                           num_hidden_layers=pick(1, 2, 3))
+    B, T = pick(1, 2, 3), pick(2, 5, 9)
+    ids = torch.randint(0, 50, (B, T), generator=g)
+    position, token = pick(*range(T)), pick(0, 17, 49)
+    got = relprop.Explainer(model, "attnlrp", stabilizer=0.0)(ids, target=(position, token))
+    want = ref.llama_relevance(model, ids, position=position, token=token, stabilizer=0.0)
+    assert _deviation(got.embeddings, want) < 1e-6
