@@ -196,3 +196,18 @@ def test_relprop_beats_random_token_deletion_on_real_sentence_pairs() -> None:
     assert lrp.shape == rnd.shape == (len(PAIRS),)
     assert lrp.mean() > rnd.mean() + 0.05
     assert (lrp > rnd).float().mean() >= 0.75
+
+
+@needs_minilm
+def test_demo_section_explains_real_sentence_similarity(tmp_path, capsys) -> None:
+    from relprop.apps.demo import SENTENCES, sentence_similarity_section
+
+    body = sentence_similarity_section(tmp_path)
+    page = (tmp_path / "similarity.html").read_text()
+    assert body is not None and body in page
+    assert page.count('class="relprop-tokens"') == 2 * len(SENTENCES)
+    assert "cosine similarity" in page and "all-MiniLM-L6-v2" in capsys.readouterr().out
+    # the guitar pair: a content word, not [CLS]/[SEP] or a stop word, leads each side
+    first = body.split("most relevant: ")[1].split("</p>")[0]
+    assert set(first.split(", ")) & {"guitar", "playing", "stage", "instrument", "music",
+                                     "performs"}

@@ -352,8 +352,7 @@ def token_png(tokens: Sequence[str], relevance, path: str | Path | None = None,
               title: str = "") -> bytes:
     """The tokens as coloured boxes (colours as token_html), wrapped into lines `width`
     inches wide: PNG bytes, also written to `path` if given."""
-    from matplotlib.patches import Rectangle
-
+    rectangle = optional("matplotlib.patches").Rectangle
     r = _token_values(tokens, relevance)
     colors = _token_colors(r, cmap)
     char, line, pad, margin = 0.602 * fontsize, 2.0 * fontsize, 0.3 * fontsize, 8.0  # points
@@ -376,7 +375,7 @@ def token_png(tokens: Sequence[str], relevance, path: str | Path | None = None,
                  va="center", ha="left")
     for (bx, brow, w, text), rgb in zip(boxes, colors, strict=True):
         y0 = height - margin - top - (brow + 1) * line + 0.15 * line
-        fig.patches.append(Rectangle(((margin + bx) * to_x, y0 * to_y), w * to_x,
+        fig.patches.append(rectangle(((margin + bx) * to_x, y0 * to_y), w * to_x,
                                      0.7 * line * to_y, transform=fig.transFigure,
                                      facecolor=rgb, edgecolor="#999999", linewidth=0.3))
         fig.text((margin + bx + w / 2) * to_x, (y0 + 0.35 * line) * to_y, text,
