@@ -12,7 +12,8 @@
 - `attention_weights`: a softmax whose output is an operand of a product of two
   activations is attention: AttnLRP's Taylor rule (its plain gradient) instead of
   the identity rule, and the product knows which operand holds the weights (CP-LRP
-  holds them constant).
+  holds them constant); a constant mask added to its scores passes relevance to
+  the scores as inside scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -175,6 +176,26 @@ def attention_weights(graph: fx.Graph) -> None:
                 sm.kind = Kind.GRADIENT  # AttnLRP's Taylor rule is the softmax's gradient
                 sm.label = f"{sm.label} (attention: Taylor rule)"
                 s.weights = position
+                _mask_passes(softmax)
+
+
+def _mask_passes(softmax: fx.Node) -> None:
+    """scores + mask before an attention softmax: the constant mask is a summand that takes
+    nothing where it is 0 and whose masked entries carry no relevance, so the scores take
+    all of it, as inside scaled_dot_product_attention (no stabilizer: eager = SDPA)."""
+    node = softmax.args[0] if softmax.args else None
+    while isinstance(node, fx.Node) and spec(node) is not None:
+        s = spec(node)
+        if s.kind is Kind.PROPORTIONAL and s.constant_summand:
+            s.kind = Kind.GRADIENT
+            s.label = f"{s.label} (attention mask)"
+            return
+        if s.kind is Kind.GRADIENT and not s.product and node.args and \
+                isinstance(node.args[0], fx.Node) and len(
+                    [a for a in node_args(node) if spec(a) is not None]) == 1:
+            node = node.args[0]  # casts, views
+            continue
+        return
 
 
 _SOFTMAX = {F.softmax, torch.softmax, "softmax"}
