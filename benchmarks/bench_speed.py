@@ -38,6 +38,18 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def setup_torch() -> None:
+    """Thread count and denormals, the same in every worker. Randomly initialised
+    EfficientNet-B0 shrinks its activations to ~1e-14 logits, whose relevance and
+    gradients fall into denormal numbers; CPUs handle those in microcode, dozens of
+    times slower, which times the denormals, not the method. Flushing them to zero
+    (torch.set_flush_denormal) applies to every method alike."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_flush_denormal(True)
+
+
 def build(model_name: str):
     import torch
     import torchvision
@@ -100,7 +112,7 @@ def method_fn(model, method: str, x):
 def memory_worker(model_name: str, method: str, batch: int, size: int) -> dict:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    setup_torch()
     model = build(model_name)
     x = torch.randn(batch, 3, size, size)
     t0 = time.perf_counter()
@@ -116,7 +128,7 @@ def time_worker(model_name: str, methods: list[str], batch: int, repeats: int,
                 size: int) -> dict:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    setup_torch()
     model = build(model_name)
     x = torch.randn(batch, 3, size, size)
     fns, results = {}, {}
@@ -202,15 +214,35 @@ def main() -> None:
                 print(line, flush=True)
                 lines.append(line)
     if args.markdown:
-        with open(args.markdown, "a" if args.append else "w") as f:
-            if not args.append:
-                f.write("# Benchmark: relprop vs plain gradient, Zennit, Captum\n\n")
-            f.write(f"\nCPU, {os.environ.get('BENCH_THREADS', '2')} threads, input "
-                    f"{args.size}x{args.size}, median of {args.repeats} interleaved rounds after a "
-                    "warm-up; "
-                    f"command: `python benchmarks/bench_speed.py {' '.join(sys.argv[1:])}`\n\n")
-            f.write("\n".join(lines) + "\n")
+        text = (f"\nCPU, {os.environ.get('BENCH_THREADS', '2')} threads, denormals flushed to "
+                f"zero, input {args.size}x{args.size}, median of {args.repeats} interleaved "
+                "rounds after a warm-up; "
+                f"command: `python benchmarks/bench_speed.py {' '.join(sys.argv[1:])}`\n\n"
+                + "\n".join(lines) + "\n")
+        write_section(args.markdown, text, append=args.append)
 
+
+BEGIN = "<!-- bench_speed.py: begin (rewritten by --markdown; edit outside the markers) -->"
+END = "<!-- bench_speed.py: end -->"
+
+
+def write_section(path: str, text: str, append: bool) -> None:
+    """Put `text` between this script's markers in `path`, replacing what was there
+    (append=True: after it); the rest of the file (other sections) is left as it is.
+    Without markers the section goes at the end of the file."""
+    try:
+        with open(path) as f:
+            doc = f.read()
+    except FileNotFoundError:
+        doc = "# Benchmark: relprop vs plain gradient, Zennit, Captum\n"
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        old, tail = rest.split(END, 1)
+    else:
+        head, old, tail = doc.rstrip("\n") + "\n\n", "", "\n"
+    body = (old.rstrip("\n") + "\n" if append else "\n") + text
+    with open(path, "w") as f:
+        f.write(head + BEGIN + "\n" + body + "\n" + END + tail)
 
 if __name__ == "__main__":
     main()

@@ -74,7 +74,22 @@ class ConvKernel:
     groups: int
     kind: str = "conv"
 
+    def _pointwise(self, w: Tensor, t: Tensor) -> bool:
+        """A 1x1 convolution with stride 1, no padding, groups 1, on a contiguous
+        (N, C, ...) tensor: a batched matrix product over the flattened positions. On
+        CPU, torch's own path for it (_slow_conv2d, slow_conv_transpose2d) unfolds and
+        folds around the GEMM and runs 1.3-3x slower than the product itself."""
+        return (self.groups == 1 and t.dim() == self.ndim + 2 and t.is_contiguous()
+                and all(k == 1 for k in w.shape[2:]) and all(v == 1 for v in self.stride)
+                and not any(self.padding) and t.device.type == "cpu")
+
     def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if self._pointwise(w, x):
+            n, co = x.shape[0], w.shape[0]
+            z = torch.matmul(w.view(co, -1), x.view(n, x.shape[1], -1))
+            if b is not None:
+                z.add_(b.view(co, 1))
+            return z.view(n, co, *x.shape[2:])
         return _CONV[self.ndim](x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def transpose(self, s: Tensor, w: Tensor, x: Tensor | torch.Size) -> Tensor:
@@ -82,6 +97,10 @@ class ConvKernel:
         # strided forward rounded away. (aten.convolution_backward computes the same but
         # wants the input tensor itself; a stand-in costs it a full copy on CPU.)
         size = x.shape if isinstance(x, Tensor) else x
+        if self._pointwise(w, s):
+            n, co = s.shape[0], w.shape[0]
+            return torch.matmul(w.view(co, -1).t(), s.view(n, co, -1)).view(
+                n, w.shape[1], *s.shape[2:])
         extra = [
             size[2 + d] - ((s.shape[2 + d] - 1) * self.stride[d] - 2 * self.padding[d]
                            + self.dilation[d] * (w.shape[2 + d] - 1) + 1)
