@@ -27,7 +27,7 @@ image: torch.export tracing, one-off caches) and then reports ru_maxrss above
 the resident size just before the full-size call.
 
     python benchmarks/bench_transformers.py                        # all rows, 5 rounds
-    python benchmarks/bench_transformers.py --markdown docs/benchmarks.md   # also append the section
+    python benchmarks/bench_transformers.py --markdown docs/benchmarks.md  # + docs section
     python benchmarks/bench_transformers.py --profile llama:sdpa   # torch.profiler, by op
     python benchmarks/bench_transformers.py --saved llama:sdpa     # saved tensors by node
 """
@@ -203,7 +203,8 @@ def run_worker(cmd: list[str]) -> dict:
 def profile(model_key: str, seq: int, batch: int, rows: int, memory: bool) -> None:
     """torch.profiler by op: one relprop call against one gradient call, and the differences."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     torch.set_num_threads(threads())
     model = build(model_key)

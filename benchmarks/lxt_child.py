@@ -23,10 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, os.pardir, "tests", "oracles"))
 
-import torch  # noqa: E402
-
 import bench_transformers as bench  # noqa: E402
 import lxt_run  # noqa: E402  (tests/oracles: the transformers-5 shims)
+import torch  # noqa: E402
 
 
 class Patch:
@@ -48,7 +47,7 @@ class Patch:
         lxt_run._fix_attention_registry(module)  # .get_interface for transformers 5
         self.changes = []
         missing = object()
-        for owner, old in zip(owners, before):
+        for owner, old in zip(owners, before, strict=True):
             new = dict(vars(owner))
             for name in {*old, *new}:
                 if old.get(name, missing) is not new.get(name, missing):
