@@ -268,3 +268,31 @@ def test_random_llama_shapes_match_reference(seed: int) -> None:
     got = relprop.Explainer(model, "attnlrp", stabilizer=0.0)(ids, target=(position, token))
     want = ref.llama_relevance(model, ids, position=position, token=token, stabilizer=0.0)
     assert _deviation(got.embeddings, want) < 1e-6
+
+
+def test_causal_masks_are_recognised_and_biases_are_not() -> None:
+    from relprop.rules.attention import is_causal_mask
+
+    T = 5
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    assert is_causal_mask(causal[None, None], T, T)
+    additive = torch.zeros(1, 1, T, T).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert is_causal_mask(additive, T, T)
+    assert not is_causal_mask(additive + 0.5 * causal, T, T)  # a bias where attended
+    padded = causal.clone()
+    padded[:, 0] = False  # left padding: not the plain causal mask
+    assert not is_causal_mask(padded, T, T)
+    assert not is_causal_mask(causal[:, :4], T, 4)
+
+
+def test_repeated_keys_and_values_run_as_grouped_query_attention() -> None:
+    from relprop.ops import meaning
+
+    model = ref.tiny_llama(0, "sdpa")  # 4 query heads, 2 key-value heads
+    expl = relprop.Explainer(model, "attnlrp")
+    expl(IDS, target=4)
+    (program,) = expl._programs.values()
+    calls = [s.node for s in program.steps
+             if meaning(s.node) is torch.nn.functional.scaled_dot_product_attention]
+    assert len(calls) == model.config.num_hidden_layers
+    assert all(n.kwargs.get("enable_gqa") for n in calls)

@@ -12,7 +12,13 @@ from .functionalize import functionalize
 from .inplace import out_of_place
 from .masks import wrapped_attention_masks
 from .padding import normalize_padding
-from .transformer import attention_weights, collapse_leaf_modules, hold_statistics, linear_products
+from .transformer import (
+    attention_weights,
+    collapse_leaf_modules,
+    grouped_query,
+    hold_statistics,
+    linear_products,
+)
 
 
 def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
@@ -30,6 +36,7 @@ def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
     out_of_place(graph)
     normalize_padding(graph)
     linear_products(graph, root)
+    grouped_query(graph)
     hold_statistics(graph)
     dynamic = mark_dynamic(graph, constants, index_inputs)
     classify_nodes(graph, root, dynamic)

@@ -71,14 +71,25 @@ class AttentionRule:
         return {"rule": type(self).__name__, "operand_share": self.operand_share,
                 "weights_constant": self.weights_constant}
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """scaled_dot_product_attention with the rule's gradients at q, k and v."""
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                  enable_gqa: bool = False) -> Tensor:
+        """scaled_dot_product_attention with the rule's gradients at q, k and v.
+
+        A constant mask that is exactly the causal one (a traced model builds it
+        explicitly) runs as `is_causal=True`: the kernel then skips the masked half
+        and keeps no mask for its backward; the values are the same."""
         if self.weights_constant:
             qk, vs = 0.0, 1.0
         else:
             qk, vs = self.operand_share * self.operand_share, self.operand_share
+        if attn_mask is not None and not is_causal and not attn_mask.requires_grad and \
+                is_causal_mask(attn_mask, q.shape[-2], k.shape[-2]):
+            attn_mask, is_causal = None, True
         return F.scaled_dot_product_attention(scaled(q, qk), scaled(k, qk), scaled(v, vs),
-                                              *args, **kwargs)
+                                              attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
 
     def product(self, fn: Any, a: Tensor, b: Tensor, *args: Any, weights: int | None = None,
                 **kwargs: Any) -> Tensor:
@@ -103,6 +114,23 @@ class CPLRP(AttentionRule):
 
     name: ClassVar[str] = "cp_lrp"
     weights_constant: bool = True
+
+
+def is_causal_mask(mask: Tensor, queries: int, keys: int) -> bool:
+    """Whether an attention mask (bool: True = attend; float: 0 = attend, a huge negative
+    = masked) is the causal mask of `queries` x `keys`, the same for every batch and head."""
+    if queries != keys or mask.dim() < 2 or mask.shape[-2:] != (queries, keys):
+        return False
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        allowed = mask == 0
+        if not bool((allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+            return False  # a bias, not a mask
+    else:
+        return False
+    causal = torch.ones(queries, keys, dtype=torch.bool, device=mask.device).tril()
+    return bool((allowed == causal).all())
 
 
 class CosineRule(torch.autograd.Function):
