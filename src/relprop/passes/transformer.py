@@ -182,17 +182,27 @@ def attention_weights(graph: fx.Graph) -> None:
 def _mask_passes(softmax: fx.Node) -> None:
     """scores + mask before an attention softmax: the constant mask is a summand that takes
     nothing where it is 0 and whose masked entries carry no relevance, so the scores take
-    all of it, as inside scaled_dot_product_attention (no stabilizer: eager = SDPA)."""
+    all of it, as inside scaled_dot_product_attention (no stabilizer: eager = SDPA).
+
+    Every constant summand between the scores and the softmax, through views, is such a
+    mask: a float attn_mask of SDPA adds a position bias and the mask alike (Swin adds its
+    relative position bias, views, then adds its shift mask)."""
     node = softmax.args[0] if softmax.args else None
     while isinstance(node, fx.Node) and spec(node) is not None:
         s = spec(node)
+        # tensor operands (sizes, which torch.export computes in the graph, are not)
+        tensors = [a for a in node_args(node) if spec(a) is not None and spec(a).kind
+                   is not Kind.META]
         if s.kind is Kind.PROPORTIONAL and s.constant_summand:
             s.kind = Kind.GRADIENT
             s.label = f"{s.label} (attention mask)"
-            return
+            scores = [a for a in tensors if a in node.args[:2]]
+            if len(scores) != 1:
+                return
+            node = scores[0]
+            continue
         if s.kind is Kind.GRADIENT and not s.product and node.args and \
-                isinstance(node.args[0], fx.Node) and len(
-                    [a for a in node_args(node) if spec(a) is not None]) == 1:
+                isinstance(node.args[0], fx.Node) and tensors == [node.args[0]]:
             node = node.args[0]  # casts, views
             continue
         return
@@ -215,3 +225,52 @@ def _softmax_source(node: Any) -> fx.Node | None:
             continue
         return None
     return None
+
+
+def grouped_query(graph: fx.Graph) -> None:
+    """K and V repeated per query head (`repeat_kv`: unsqueeze, expand, reshape) before
+    scaled_dot_product_attention: the attention takes the grouped K, V with
+    `enable_gqa=True` instead. Same values; the relevance of the copies, which the
+    repeat sums back, is summed by the kernel's backward; no repeated copy is kept."""
+    for node in graph.nodes:
+        if meaning(node) is not F.scaled_dot_product_attention or len(node.args) < 3 or \
+                node.kwargs.get("enable_gqa") or len(node.args) > 7:
+            continue
+        sources = [_repeated_source(a) for a in node.args[1:3]]
+        if any(s is None for s in sources):
+            continue
+        node.args = (node.args[0], *sources, *node.args[3:])
+        node.kwargs = {**node.kwargs, "enable_gqa": True}
+
+
+def _repeated_source(node: Any) -> fx.Node | None:
+    """x if node is x[:, :, None].expand(B, kv, n, T, D).reshape(B, kv * n, T, D)."""
+    if not isinstance(node, fx.Node) or meaning(node) not in ("reshape", "view", "_unsafe_view",
+                                                               torch.reshape):
+        return None
+    expand = _through_full_slices(node.args[0])
+    if not isinstance(expand, fx.Node) or meaning(expand) != "expand":
+        return None
+    unsqueeze = _through_full_slices(expand.args[0])
+    if not isinstance(unsqueeze, fx.Node) or meaning(unsqueeze) not in ("unsqueeze",
+                                                                         torch.unsqueeze) \
+            or unsqueeze.args[1:] != (2,):
+        return None
+    source = _through_full_slices(unsqueeze.args[0])
+    shapes = [n.meta.get("val") for n in (node, source)]
+    if not isinstance(source, fx.Node) or any(v is None or not hasattr(v, "shape")
+                                              for v in shapes):
+        return None
+    out, src = shapes[0].shape, shapes[1].shape
+    if len(out) != 4 or len(src) != 4 or out[0] != src[0] or out[2:] != src[2:]:
+        return None
+    return source
+
+
+def _through_full_slices(node: Any) -> Any:
+    """Skip `x[:, ...]` slices that take a whole dimension (torch.export writes them)."""
+    while isinstance(node, fx.Node) and meaning(node) == "slice" and len(node.args) >= 4 and \
+            node.args[2] == 0 and node.args[3] == 9223372036854775807 and \
+            (len(node.args) < 5 or node.args[4] == 1):
+        node = node.args[0]
+    return node
