@@ -297,3 +297,43 @@ def test_inputs_and_parameters_are_not_written() -> None:
         torch.testing.assert_close(v, before[k])
     with torch.no_grad():
         torch.testing.assert_close(expl.output, model(x0.clone()))
+
+
+class SliceWrittenMask(nn.Module):
+    """A constant mask written slice by slice into a new tensor (Swin's shift mask), under
+    torch.export (the shape branch); `leak` writes the input into it instead."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.leak = leak
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(36, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if x.shape[-1] > 1:
+            mask = h.new_zeros((6, 6))
+            mask[:3, :3] = 1.0
+            mask[3:, 3:] = -2.0
+            if self.leak:
+                mask[0] = h[0, 0]
+            h = h + mask
+        return self.head(h.flatten(1))
+
+
+def test_constant_writes_run_in_place_input_dependent_ones_are_refused() -> None:
+    model = SliceWrittenMask().double().eval()
+    twin = copy.deepcopy(model)
+    twin.leak = None  # the mask as a ready constant
+    mask = torch.zeros(6, 6, dtype=torch.float64)
+    mask[:3, :3], mask[3:, 3:] = 1.0, -2.0
+    twin.forward = lambda x: twin.head((twin.fc(x) + mask).flatten(1))
+    x = torch.randn(2, 6, 6, dtype=torch.float64)
+    explainer = relprop.Explainer(model, "epsilon")
+    got = explainer(x, target=1)
+    assert explainer.program.traced.method == "export"
+    want = relprop.explain(twin, x, composite="epsilon", target=1)
+    torch.testing.assert_close(got.output, model(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-14)
+    with pytest.raises(relprop.UnsupportedOperationError, match="in-place"):
+        relprop.explain(SliceWrittenMask(leak=True).double().eval(), x, composite="epsilon")

@@ -9,6 +9,7 @@ pass each over the kept graph.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from .composites import Composite, make_composite
-from .errors import InputError, NoLedgerError, RelpropError, TargetError, TraceError
+from .errors import (
+    InputError,
+    NoLedgerError,
+    RelpropError,
+    TargetError,
+    TraceError,
+    UnsupportedOperationError,
+)
 from .ledger import Ledger, build_ledger, per_sample
 from .program import Program, RunResult
 from .progress import batches
@@ -104,6 +112,9 @@ class Explainer:
         self.record = record
         self._program: Program | None = None
         self._fx_error: TraceError | None = None
+        # the fx program lacks a rule only for an fx-wrapped library function: torch.export
+        # (which traces into it) is tried on the first input; this is why fx fell short
+        self._deferred: UnsupportedOperationError | None = None
         self._leaves = leaves
         # by (input count, keyword names): traced again for more inputs or keywords
         self._programs: dict[tuple[int, frozenset[str]], Program] = {}
@@ -115,13 +126,22 @@ class Explainer:
             except TraceError as exc:
                 self._fx_error = exc
         if traced is not None:
+            wrapped = set() if leaves else _fx_wrapped(traced.graph)
             with preserved(model):
-                self._program = Program.build(traced, self.composite)
+                try:
+                    self._program = Program.build(traced, self.composite)
+                except UnsupportedOperationError as exc:
+                    # torchvision's Swin keeps shifted_window_attention as one call (its
+                    # body branches on sizes): torch.export traces into it. Not with
+                    # `leaves`, which torch.export cannot honour.
+                    if not any(f"(graph node '{name}')" in str(exc) for name in wrapped):
+                        raise
+                    self._deferred = exc
 
     @property
     def program(self) -> Program:
         if self._program is None:
-            raise RelpropError(f"not traced yet: {self._fx_error}")
+            raise RelpropError(f"not traced yet: {self._fx_error or self._deferred}")
         return self._program
 
     def _ensure_program(self, inputs: tuple[Tensor, ...],
@@ -133,7 +153,8 @@ class Explainer:
         keyword inputs fed as constants (`forward_kwargs`) likewise become graph
         inputs, once per set of names. fx failed at construction: fx again if there
         are more inputs or keywords, else (or if that fails too) torch.export on the
-        first real input.
+        first real input. The fx program lacked a rule only for an fx-wrapped function
+        (`_deferred`): torch.export straight away, which traces into it.
         """
         n, keywords = len(inputs), keywords or {}
         ids = frozenset(i for i, t in enumerate(inputs) if not t.is_floating_point())
@@ -144,8 +165,9 @@ class Explainer:
         base = self._program
         if not keywords and not ids and base is not None and len(base.placeholders) >= n:
             return base
-        error, traced = self._fx_error, None
-        if (n > 1 or keywords or ids) and (base is None or base.traced.method == "fx"):
+        error, traced, deferred = self._fx_error or self._deferred, None, self._deferred
+        if (n > 1 or keywords or ids) and deferred is None and (
+                base is None or base.traced.method == "fx"):
             try:
                 traced = trace_fx(self.model, self._leaves, inputs=n,
                                   keywords=frozenset(keywords))
@@ -162,7 +184,13 @@ class Explainer:
             holders = [nd.name for nd in traced.graph.nodes if nd.op == "placeholder"
                        and nd.name not in traced.constants]
             traced.index_inputs = frozenset(holders[i] for i in ids if i < len(holders))
-        program = Program.build(traced, self.composite)
+        try:
+            program = Program.build(traced, self.composite)
+        except UnsupportedOperationError as exc:
+            if deferred is None or traced.method != "export":
+                raise
+            raise UnsupportedOperationError(f"{deferred}; and under torch.export: {exc}") \
+                from exc
         if ids and not program.sources:
             raise InputError(f"input {min(ids)} holds integers (token ids?) but the model "
                              "looks none of them up in an embedding; relevance needs a "
@@ -591,6 +619,22 @@ def _relevance(leaves: tuple[Tensor, ...], grads: Sequence[Tensor | None], sink_
                 r = r + sg
         rel.append(r.detach())
     return tuple(rel)
+
+
+def _fx_wrapped(graph: torch.fx.Graph) -> set[str]:
+    """Nodes calling a plain Python function of a library other than torch, kept whole by
+    torch.fx.wrap, with no registered rule (relprop.register_function)."""
+    from .registry import function_family
+
+    names = set()
+    for node in graph.nodes:
+        fn = node.target
+        module = getattr(fn, "__module__", None) or ""
+        if node.op == "call_function" and isinstance(fn, types.FunctionType) and not (
+                module == "torch" or module.startswith(("torch.", "_operator"))) and \
+                function_family(fn) is None:
+            names.add(node.name)
+    return names
 
 
 def _parameter_dtype(model: nn.Module) -> torch.dtype | None:

@@ -138,15 +138,19 @@ def build_ledger(program, run, batch: int, explained: Tensor,
         tally = rec.tallies.get(i)
         zero = torch.zeros_like(out)
         spec = step.node.meta["relprop"]
-        bias = tally.bias if tally is not None and tally.bias is not None else zero
-        stab = tally.stabilizer if tally is not None and tally.stabilizer is not None else zero
+        # a rule tallies per leading row: sums over Swin's windows (B * windows, N, C) too
+        bias = per_sample(tally.bias, batch) if tally is not None and tally.bias is not None \
+            else zero
+        stab = per_sample(tally.stabilizer, batch) if tally is not None and \
+            tally.stabilizer is not None else zero
         if spec.kind is Kind.SOURCE:  # token embeddings: what arrives is the input's
             out = r_in
-        if spec.kind is Kind.PROPORTIONAL:  # a sum leaks only to its stabilizer / constants
-            if spec.constant_summand:
-                bias = r_in - out
-            else:
-                stab = r_in - out
+        # x + c leaks what the constant c took, as a bias; an attention mask too (relprop.
+        # passes.transformer: the scores take s * grad, the mask's c * grad is the leak)
+        if spec.constant_summand:
+            bias = r_in - out
+        elif spec.kind is Kind.PROPORTIONAL:  # a sum leaks only to its stabilizer
+            stab = r_in - out
         entries.append(LedgerEntry(
             node=step.name, op=spec.label, path=spec.path,
             rule=step.rule.describe() if step.rule is not None else _family(spec.kind),

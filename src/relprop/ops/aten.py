@@ -30,6 +30,7 @@ _ATEN_SAME = {
     "permute": torch.permute, "transpose": torch.transpose, "squeeze": torch.squeeze,
     "unsqueeze": torch.unsqueeze, "clone": torch.clone, "t": torch.t, "split": torch.split,
     "chunk": torch.chunk, "unbind": torch.unbind, "narrow": torch.narrow,
+    "roll": torch.roll, "flip": torch.flip,
     "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
     "gelu": F.gelu, "layer_norm": F.layer_norm, "hardtanh": F.hardtanh, "mish": F.mish,
     "matmul": torch.matmul, "bmm": torch.bmm, "mm": torch.mm,

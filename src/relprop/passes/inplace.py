@@ -1,6 +1,10 @@
 """In-place operations run as their out-of-place twins, reads of the mutated tensor
 redirected to the result: the program keeps the values its rules read in their
 backward and must never write into the user's tensors.
+
+Writes into a tensor the graph itself made that depend on no input (a mask filled
+slice by slice, `mask[h, w] = k`, torchvision's Swin) are constant computation: they
+stay in place and run in order, as in eager.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.node import has_side_effect
 
 from ..errors import UnsupportedOperationError
-from ..ops import node_location, original_label
+from ..ops import node_args, node_location, original_label
 
 _FUNCTION_TWINS: dict[Any, Any] = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -48,6 +53,13 @@ _VIEW_METHODS = {
     "tensor_split",
 }
 _SHAPE_METHODS = {"size", "dim", "numel", "__len__", "ndimension", "nelement", "stride"}
+# new tensors whose values depend on their first argument's shape only (dtype, device)
+_TEMPLATE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
+_TEMPLATE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like}
+_TEMPLATE_ATEN = {"zeros_like", "ones_like", "full_like", "empty_like", "new_zeros",
+                  "new_ones", "new_full", "new_empty", "sym_size", "sym_numel", "sym_stride",
+                  "sym_storage_offset", "_assert_tensor_metadata"}
+_SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"}
 
 
 def _inplace_param(fn: Any) -> int | None:
@@ -131,6 +143,53 @@ def inplace_twin(node: fx.Node) -> tuple[Any, tuple, dict] | None:
     return (t, *flagless) if flagless is not None else None
 
 
+def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose values may depend on a model input (every placeholder counts; sizes,
+    dtypes and tensors made from an input's shape alone do not)."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            found.add(node)
+            continue
+        args = node_args(node)
+        t = node.target
+        if node.op == "call_method" and t in _SHAPE_METHODS | _TEMPLATE_METHODS or (
+                node.op == "call_function" and (
+                    t in _TEMPLATE_FUNCTIONS or (t is getattr and len(node.args) > 1 and
+                                                 node.args[1] in _SHAPE_ATTRIBUTES) or
+                    getattr(t, "_opname", None) in _TEMPLATE_ATEN)):
+            args = [a for a in args if a is not node.args[0]]  # the shape's template
+        if any(a in found for a in args):
+            found.add(node)
+    return found
+
+
+@has_side_effect
+def _inplace_method(obj: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+    """`obj.name_(*args)` as a function fx keeps (an unused method call would be dropped
+    as dead code)."""
+    return getattr(obj, name)(*args, **kwargs)
+
+
+def _constant_write(node: fx.Node, dependent: set[fx.Node], order: dict[fx.Node, int]) -> bool:
+    """An in-place write, depending on no input, into a tensor made in the graph (not a
+    parameter, buffer or input) whose storage nothing but views and other such writes
+    reads before it."""
+    if node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload):
+        return False  # operator.iadd, F.relu(x, inplace=True): run out of place as before
+    mutated = node.args[0] if node.args else None
+    if not isinstance(mutated, fx.Node) or any(a in dependent for a in node_args(node)):
+        return False
+    base = mutated
+    while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    if base.op not in ("call_function", "call_method"):
+        return False
+    aliases = _aliases(mutated)
+    return all(u in aliases or order[u] > order[node] or inplace_twin(u) is not None
+               for a in aliases for u in a.users)
+
+
 def _is_view(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
@@ -170,9 +229,17 @@ def out_of_place(graph: fx.Graph) -> None:
     x.relu_(); ... v ...`) cannot be redirected that way and is refused.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
+    dependent = _input_dependent(graph)
     for node in list(graph.nodes):
         twin = inplace_twin(node) if node.op in ("call_function", "call_method") else None
         if twin is None:
+            continue
+        if _constant_write(node, dependent, order):
+            node.meta.setdefault("relprop_label", original_label(node))
+            if node.op == "call_method":  # kept by dead-code elimination as a function
+                node.op, node.target = "call_function", _inplace_method
+                node.args = (node.args[0], node.meta["relprop_label"][len("Tensor."):],
+                             *node.args[1:])
             continue
         where = node_location(node)
         node.meta.setdefault("relprop_label", original_label(node))
