@@ -46,7 +46,7 @@ def test_llama_matches_reference(impl: str, epsilon: float) -> None:
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gpt2_matches_reference(impl: str) -> None:
     model = ref.tiny_gpt2(0, impl)
-    got = relprop.Explainer(model, "attnlrp", stabilizer=0.0)(IDS, target=4)
+    got = relprop.Explainer(model, "attnlrp", epsilon=1e-6, stabilizer=0.0)(IDS, target=4)
     want = ref.gpt2_relevance(model, IDS, position=-1, token=4, stabilizer=0.0)
     assert _deviation(got.embeddings, want) < 1e-6
 
@@ -56,7 +56,7 @@ def test_bert_matches_reference_with_padding(impl: str) -> None:
     model = ref.tiny_bert(0, impl)
     mask = torch.ones_like(IDS)
     mask[1, 5:] = 0
-    got = relprop.Explainer(model, "attnlrp", stabilizer=0.0)(
+    got = relprop.Explainer(model, "attnlrp", epsilon=1e-6, stabilizer=0.0)(
         IDS, target=1, forward_kwargs={"attention_mask": mask})
     want = ref.bert_relevance(model, IDS, label=1, attention_mask=mask, stabilizer=0.0,
                               mask_rule="pass")
@@ -64,9 +64,15 @@ def test_bert_matches_reference_with_padding(impl: str) -> None:
     assert torch.all(got.relevance[1, 5:] == 0)  # padded tokens take nothing
 
 
-def test_default_stabilizer_stays_close_to_reference() -> None:
+def test_attnlrp_defaults_are_lxts_and_a_stabilizer_stays_close() -> None:
+    """attnlrp's defaults, as LXT: epsilon -> 0 on linear layers, sums unstabilized."""
     model = ref.tiny_llama(0, "sdpa")
     got = relprop.Explainer(model, "attnlrp")(IDS, target=4)
+    want = ref.llama_relevance(model, IDS, token=4, epsilon=0.0, stabilizer=0.0)
+    assert _deviation(got.embeddings, want) < 1e-6
+    # with relprop's usual stabilizers (1e-6), placed at every traced sum here and once
+    # per block in the reference
+    got = relprop.Explainer(model, "attnlrp", epsilon=1e-6)(IDS, target=4)
     want = ref.llama_relevance(model, IDS, token=4)
     assert _deviation(got.embeddings, want) < 1e-5
 
@@ -104,9 +110,9 @@ def test_another_batch_size_and_length_reuse_the_trace() -> None:
     expl(IDS, target=4)
     short = IDS[:1, :5]
     got = expl(short, target=4)
-    want = ref.llama_relevance(model, short, token=4)
-    assert _deviation(got.embeddings, want) < 1e-5
-    assert len(expl._programs) == 1
+    want = ref.llama_relevance(model, short, token=4, epsilon=0.0, stabilizer=0.0)
+    assert _deviation(got.embeddings, want) < 1e-6
+    assert len(expl._programs) == 1  # token ids: every size free
 
 
 def test_explaining_leaves_the_model_untouched() -> None:
@@ -227,7 +233,9 @@ def test_gamma_on_linear_layers_is_an_option() -> None:
     expl = relprop.Explainer(model, "attnlrp", gamma=0.25)
     assert expl.composite.describe()["default"]["rule"] == "Gamma"
     assert relprop.Explainer(model, "attnlrp").composite.describe()["default"]["rule"] == \
-        "Epsilon"
+        "LRP0"
+    assert relprop.Explainer(model, "attnlrp", epsilon=0.1).composite.describe()[
+        "default"]["rule"] == "Epsilon"
     got = expl(IDS, target=1)
     assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
 
@@ -265,8 +273,9 @@ def test_random_llama_shapes_match_reference(seed: int) -> None:
     B, T = pick(1, 2, 3), pick(2, 5, 9)
     ids = torch.randint(0, 50, (B, T), generator=g)
     position, token = pick(*range(T)), pick(0, 17, 49)
-    got = relprop.Explainer(model, "attnlrp", stabilizer=0.0)(ids, target=(position, token))
-    want = ref.llama_relevance(model, ids, position=position, token=token, stabilizer=0.0)
+    got = relprop.Explainer(model, "attnlrp")(ids, target=(position, token))
+    want = ref.llama_relevance(model, ids, position=position, token=token, epsilon=0.0,
+                               stabilizer=0.0)
     assert _deviation(got.embeddings, want) < 1e-6
 
 

@@ -60,7 +60,7 @@ def test_hf_vit_equals_the_explicit_reference(attn: str) -> None:
     model = ra.tiny_vit(0, attn)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
     label = torch.tensor([1, 2])
-    R = relprop.Explainer(model, "attnlrp", stabilizer=0.0)(x, target=label).relevance
+    R = relprop.Explainer(model, "attnlrp", epsilon=1e-6, stabilizer=0.0)(x, target=label).relevance
     ref = ra.vit_relevance(model, x, label=label, stabilizer=0.0)
     # eager: HF computes the softmax in float32 inside the float64 model, so its
     # backward (the Taylor rule's gradient) runs in float32: ~4e-8; SDPA: ~1e-15
@@ -68,7 +68,7 @@ def test_hf_vit_equals_the_explicit_reference(attn: str) -> None:
     # the default stabilizer (1e-6): eager ViT adds transformers' all-zero attention mask
     # to the scores; a constant mask before an attention softmax passes relevance to the
     # scores (as inside SDPA), so eager stays as close as above
-    R = relprop.Explainer(model, "attnlrp")(x, target=label).relevance
+    R = relprop.Explainer(model, "attnlrp", epsilon=1e-6)(x, target=label).relevance
     ref = ra.vit_relevance(model, x, label=label)
     assert _relative(R, ref) < (1e-6 if attn == "eager" else 1e-12)
 
@@ -153,7 +153,8 @@ def test_torchvision_vit_equals_the_explicit_reference(stabilizer: float) -> Non
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=F64)
     label = torch.tensor([3, 1])
     before = snapshot(model)
-    expl = relprop.Explainer(model, "attnlrp", stabilizer=stabilizer)(x, target=label)
+    expl = relprop.Explainer(model, "attnlrp", epsilon=1e-6, stabilizer=stabilizer)(
+        x, target=label)
     torch.testing.assert_close(expl.output, model(x), rtol=0, atol=1e-12)
     ref = torchvision_vit_relevance(model, x, label, stabilizer=stabilizer)
     assert _relative(expl.relevance, ref) < 1e-10

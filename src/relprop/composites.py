@@ -313,10 +313,15 @@ def make_composite(
     if name == "epsilon_alpha2_beta1_flat":
         return mixed(ab21, flat)
     if name in ("attnlrp", "cp_lrp"):
-        # transformers: epsilon on every linear layer (gamma= puts Gamma there instead, as
-        # the AttnLRP paper does for vision transformers); attention by AttnLRP or CP-LRP
-        on_linear = gam if "gamma" in given else eps
-        return Composite(default=on_linear, stabilizer=stabilizer, top_k=top_k, name=name,
+        # transformers, as the AttnLRP authors' implementation (LXT) computes them: the
+        # epsilon rule with epsilon -> 0 on every linear layer, sums split without a
+        # stabilizer (in gradient form both are the plain gradient: nothing is divided,
+        # nothing kept, so the explanation costs one gradient); epsilon= / stabilizer= give
+        # stabilized ones, gamma= puts Gamma on the linear layers (the AttnLRP paper's
+        # choice for vision transformers); attention by AttnLRP or CP-LRP
+        on_linear = gam if "gamma" in given else eps if "epsilon" in given else LRP0(bias=bias)
+        sums = stabilizer if given and {"epsilon", "stabilizer"} & set(given) else 0.0
+        return Composite(default=on_linear, stabilizer=sums, top_k=top_k, name=name,
                          recurrent=recurrent,
                          attention=AttnLRP() if name == "attnlrp" else CPLRP())
     if name == "layer_position":

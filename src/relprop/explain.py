@@ -30,7 +30,7 @@ from .ledger import Ledger, build_ledger, per_sample
 from .program import Program, RunResult
 from .progress import batches
 from .rules import stabilize
-from .trace import TRACE_LOCK, preserved, trace_export, trace_fx
+from .trace import TRACE_LOCK, input_shapes, preserved, trace_export, trace_fx
 
 Target = int | tuple[int, ...] | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
 STARTS = ("value", "one", "softmax")
@@ -158,12 +158,15 @@ class Explainer:
         """
         n, keywords = len(inputs), keywords or {}
         ids = frozenset(i for i, t in enumerate(inputs) if not t.is_floating_point())
+        shapes = input_shapes(inputs)  # an export trace serves these sizes only
         key = (n, frozenset(keywords), ids)
-        program = self._programs.get(key)
-        if program is not None:
-            return program
+        for k in (key, (*key, shapes)):
+            program = self._programs.get(k)
+            if program is not None and program.traced.shapes in (None, shapes):
+                return program
         base = self._program
-        if not keywords and not ids and base is not None and len(base.placeholders) >= n:
+        if not keywords and not ids and base is not None and len(base.placeholders) >= n \
+                and base.traced.shapes in (None, shapes):
             return base
         error, traced, deferred = self._fx_error or self._deferred, None, self._deferred
         if (n > 1 or keywords or ids) and deferred is None and (
@@ -197,7 +200,7 @@ class Explainer:
                              "floating-point input or token ids fed to an nn.Embedding")
         if self._program is None and not keywords and not ids:
             self._program = program
-        self._programs[key] = program
+        self._programs[key if traced.shapes is None else (*key, shapes)] = program
         return program
 
     def __call__(self, x: Tensor | tuple[Tensor, ...], target: Target = None,

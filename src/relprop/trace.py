@@ -167,6 +167,8 @@ class TracedModel:
     index_inputs: frozenset[str] = frozenset()
     # keyword values explaining fixes (use_cache=False), fed like `constants`
     fixed: dict[str, Any] = field(default_factory=dict)
+    # torch.export: the input sizes past the batch it fixed (None: any)
+    shapes: tuple[tuple[int, ...], ...] | None = None
     # the user's model (torch.export's root is a new module without the original classes)
     model: nn.Module | None = None
 
@@ -347,7 +349,13 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
     constants = {n.name: k for n, k in zip(holders[len(example):], [*keywords, *fixed],
                                            strict=False)}
     return TracedModel(graph=module.graph, root=module, method="export", constants=constants,
-                       model=model, fixed=fixed)
+                       model=model, fixed=fixed, shapes=input_shapes(example))
+
+
+def input_shapes(inputs: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
+    """The sizes past the batch of the floating-point inputs: what an export trace fixes."""
+    return tuple(tuple(t.shape[1:]) for t in inputs
+                 if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def _doubled(values: Any, batch: int | None = None) -> Any:
@@ -367,13 +375,18 @@ def _doubled(values: Any, batch: int | None = None) -> Any:
 
 
 def _free_sizes(example: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """torch.export's dynamic_shapes: Dim.AUTO for every dimension of every tensor."""
-    def free(v: Any) -> Any:
+    """torch.export's dynamic_shapes: Dim.AUTO for the batch size of every tensor and for
+    every size of token ids and keyword tensors (sequence lengths, masks); the other
+    sizes of floating-point inputs (an image's) stay fixed: freeing them all makes
+    exporting a Swin Transformer 20 times slower. (TracedModel.shapes records them.)"""
+    def free(v: Any, every: bool) -> Any:
         if isinstance(v, torch.Tensor):
-            return {d: torch.export.Dim.AUTO for d in range(v.dim())}
+            dims = range(v.dim()) if every or not v.is_floating_point() else range(min(
+                v.dim(), 1))
+            return {d: torch.export.Dim.AUTO for d in dims}
         return None
 
-    return (*(free(v) for v in example), *(free(v) for v in kwargs.values()))
+    return (*(free(v, False) for v in example), *(free(v, True) for v in kwargs.values()))
 
 
 def _explaining_defaults(model: nn.Module, inputs: int,
