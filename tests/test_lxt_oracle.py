@@ -236,7 +236,8 @@ def test_lxt_matches_explicit_reference(lxt, arch, impl):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_relprop_matches_lxt(lxt, arch, impl):
     """relprop's traced AttnLRP on the unchanged float32 model (padding mask included)
-    against LXT's patched one, the same start relevance (the logit)."""
+    against LXT's patched one, the same start relevance (the logit): the issue asks
+    for 5e-3 of max|R|; they agree to float32 rounding."""
     import relprop
 
     model, ids, mask, out = lxt[("tiny", arch, impl)]
@@ -244,6 +245,8 @@ def test_relprop_matches_lxt(lxt, arch, impl):
     got = relprop.Explainer(model, "attnlrp")(ids, target=target,
                                               forward_kwargs={"attention_mask": mask})
     R = out["relevance"]
-    assert (got.embeddings - R).abs().max() / R.abs().max() < REF_TOL
+    # attnlrp's defaults are LXT's (epsilon -> 0, sums unstabilized): equal up to float32
+    # rounding (measured: 0 to 7e-7 of max|R|)
+    assert (got.embeddings - R).abs().max() / R.abs().max() < 1e-5
     torch.testing.assert_close(got.explained, target_logit(arch, model(
         input_ids=ids, attention_mask=mask).logits).detach(), rtol=1e-6, atol=1e-6)
