@@ -184,22 +184,6 @@ def feature_bars(relevance, names: Sequence[str], path: str | Path, title: str =
     return _save_figure(fig, path)
 
 
-def sequence_html(tokens: Sequence[str], relevance, cmap: str | Colormap = "bwr") -> str:
-    """Tokens (or time steps) as HTML spans coloured by relevance, zero = white."""
-    import html
-
-    r = normalize(to_map(relevance).reshape(-1))
-    if len(tokens) != len(r):
-        raise ValueError(f"{len(tokens)} tokens for {len(r)} relevance values")
-    cm = colormap(cmap)
-    spans = []
-    for tok, v in zip(tokens, r, strict=True):
-        red, green, blue = (int(255 * c) for c in cm((v + 1) / 2)[:3])
-        spans.append(f'<span title="{v:+.3f}" style="background: rgb({red},{green},{blue})">'
-                     f"{html.escape(tok)}</span>")
-    return " ".join(spans)
-
-
 # --- an Explanation as a picture (Jupyter's _repr_png_, Explanation.plot) ------------------
 
 def explanation_figure(expl: Any, *, samples: int = 8, class_names: Sequence[str] | None = None,
