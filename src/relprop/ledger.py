@@ -9,6 +9,7 @@ or the constant summand (counted as bias) in x + c.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,9 @@ class LedgerEntry:
     @property
     def other(self) -> Tensor:
         return self.leaked - self.bias - self.stabilizer
+
+
+_BALANCES = ("relevance_in", "relevance_out", "bias", "stabilizer")
 
 
 class Ledger:
@@ -88,6 +92,26 @@ class Ledger:
 
     def __str__(self) -> str:
         return self.table()
+
+    @classmethod
+    def concat(cls, ledgers: list[Ledger]) -> Ledger:
+        """Ledgers of consecutive chunks of one batch, joined along the batch: (B,)."""
+        return cls._joined(ledgers, torch.cat)
+
+    @classmethod
+    def stack(cls, ledgers: list[Ledger]) -> Ledger:
+        """Ledgers of K targets of one batch, side by side: (B, K) balances."""
+        return cls._joined(ledgers, lambda ts: torch.stack(ts, 1))
+
+    @classmethod
+    def _joined(cls, ledgers: list[Ledger], join: Callable[[list[Tensor]], Tensor]) -> Ledger:
+        """Ledgers of one program (the same nodes in the same order), tensor by tensor."""
+        entries = [LedgerEntry(e.node, e.op, e.path, e.rule,
+                               *(join([getattr(q, f) for q in parts]) for f in _BALANCES))
+                   for parts in zip(*(lg.entries for lg in ledgers), strict=True)
+                   for e in parts[:1]]
+        return cls(entries, join([lg.explained for lg in ledgers]),
+                   join([lg.at_input for lg in ledgers]))
 
 
 def build_ledger(program, run, batch: int, explained: Tensor,
