@@ -11,7 +11,6 @@ afterwards) and never modifies the model or the input.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from .composites import Composite
 from .errors import InputError, TargetError
+from .trace import preserved
 
 ORDERS = ("morf", "lerf")
 ExplainFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -55,7 +55,7 @@ def region_perturbation(model: nn.Module, x: Tensor, relevance: Tensor, target: 
     filler = _fill_values(x, fill, seed)
     target = _as_target(target, x.shape[0], x.device)
     per_pass = _steps_per_pass(batch_size, x.shape[0])
-    with torch.no_grad(), _inference(model):
+    with torch.no_grad(), preserved(model, eval_mode=True):
         path = _perturbation_path(x, ranking, regions, filler)
         return _outputs_along(model, path, target, per_pass)
 
@@ -195,7 +195,7 @@ def input_gradient(model: nn.Module, x: Tensor, target: int | Tensor) -> Tensor:
     """d f_target(x) / dx per sample, without accumulating into the parameters' .grad."""
     target = _as_target(target, x.shape[0], x.device)
     leaf = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), _inference(model):
+    with torch.enable_grad(), preserved(model, eval_mode=True):
         picked = _pick(model(leaf), target).sum()
         (grad,) = torch.autograd.grad(picked, leaf)
     return grad
@@ -356,7 +356,7 @@ def _layers_from_output(model: nn.Module, x: Tensor) -> list[str]:
 
     handles = [m.register_forward_hook(record) for m in names]
     try:
-        with torch.no_grad(), _inference(model):
+        with torch.no_grad(), preserved(model, eval_mode=True):
             model(x.detach())
     finally:
         for h in handles:
@@ -399,18 +399,6 @@ def _average_ranks(values: Tensor) -> Tensor:
 
 
 # --- shared ----------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode while measuring (no dropout, BatchNorm statistics left alone), then restore."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
 
 def _check_image(x: Tensor, images_only: bool = True) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():

@@ -302,7 +302,9 @@ def preserved(model: nn.Module, eval_mode: bool = False) -> Iterator[None]:
 
     eval_mode=True: every module in eval mode meanwhile. Tracing needs it (inference
     semantics: Python `if self.training:` branches, stochastic depth and dropout
-    are resolved while tracing, so the graph must be recorded in eval mode).
+    are resolved while tracing, so the graph must be recorded in eval mode), and so
+    does relprop.evaluate, which runs the model itself. The one eval-mode restorer:
+    explanations, traces and faithfulness checks all use it.
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
