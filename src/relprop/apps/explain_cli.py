@@ -13,6 +13,7 @@ import torch
 from ..dataset.images import image_files
 from ..errors import RelpropError
 from ..explain import Explainer
+from ..progress import Progress
 from ..visualize import heatmap, overlay, relevance_figure, save_png
 from .loading import LoadedModel, Preprocessing, load, plain_preprocessing
 
@@ -56,6 +57,7 @@ def run_explain(args: Namespace) -> None:
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     explainer = None
+    bar = Progress(len(files), enabled=True)
     for start in range(0, len(files), args.batch_size):
         batch_files = files[start:start + args.batch_size]
         images = [prep.read(f) for f in batch_files]
@@ -90,11 +92,8 @@ def run_explain(args: Namespace) -> None:
                              expl.explained[i:i + 1], class_names=names,
                              images=images[i:i + 1]).savefig(
                 args.out / f"{f.stem}_explained.png", dpi=100)
-        done = min(start + args.batch_size, len(files))
-        bar = "#" * int(30 * done / len(files))
-        print(f"\rexplaining {done}/{len(files)} [{bar:<30}]", end="", file=sys.stderr,
-              flush=True)
-    print(file=sys.stderr)
+        bar.update(len(batch_files))
+    bar.close()
     (args.out / "scores.json").write_text(json.dumps(rows, indent=1))
     with open(args.out / "scores.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
