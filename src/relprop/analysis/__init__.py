@@ -1,0 +1,23 @@
+"""Dataset-wide analysis on top of explain_dataset: find a Clever Hans, and fix it.
+
+- spray (spray.py): spectral relevance analysis per class with CoRelAy's processors; an
+  analysis file in ViRelAy's layout, members readable from Python, the eigenvalue plot.
+- prototypes (prototypes.py): PCX, a Gaussian mixture per class over per-sample
+  concept-relevance vectors of one layer.
+- clarc (clarc.py): projective ClArC, a corrected copy of the model.
+- export_virelay (virelay_export.py): a ViRelAy project; summary_page (page.py): relprop's own
+  static HTML page of the findings.
+- planted (planted.py): the planted Clever Hans on real MNIST digits used to prove all this.
+
+CoRelAy, scikit-learn, h5py and ViRelAy are the `relprop[analysis]` extra, imported only when
+used. The analysis runs on one machine; the explanations may come from many (torchrun).
+"""
+
+from __future__ import annotations
+
+from .clarc import ClarcResult, clarc
+from .planted import planted_mnist, train_planted_cnn
+from .spray import ClassAnalysis, SprayResult, SpraySettings, load_spray, spray
+
+__all__ = ["ClarcResult", "clarc", "planted_mnist", "train_planted_cnn", "ClassAnalysis",
+           "SprayResult", "SpraySettings", "load_spray", "spray"]

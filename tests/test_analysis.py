@@ -1,0 +1,136 @@
+"""Dataset-wide analysis on a planted Clever Hans: real MNIST digits, a 2x2 white stamp
+somewhere in the top-left 4x4 pixels of 80% of the 8s (3% of the others), the shipped small
+CNN architecture trained on them for 3 epochs. SpRAy finds the stamped 8s, ClArC removes
+the stamp's direction, PCX gives them their own prototype, the CLI writes it all down."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+import relprop
+from relprop.analysis.planted import (
+    PlantedDigits,
+    add_mark,
+    mark_mask,
+    planted_mnist,
+    remove_mark,
+    shortcut_report,
+    train_planted_cnn,
+)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The trained model and the 8s of the training digits explained (LRP, whole maps)."""
+    torch.manual_seed(0)
+    train, test = planted_mnist("train"), planted_mnist("test")
+    model = train_planted_cnn(train, epochs=3)
+    eights = train.y == 8
+    data = PlantedDigits(train.x[eights], train.y[eights], train.marked[eights])
+    out = tmp_path_factory.mktemp("expl")
+    relprop.explain_dataset(model, data, out, "epsilon_gamma_box", target="label",
+                            batch_size=128, shard_size=128, progress=False, low=0.0, high=1.0)
+    return {"train": train, "test": test, "model": model, "eights": data, "out": out}
+
+
+@pytest.fixture(scope="module")
+def sprayed(planted):
+    from relprop.analysis import spray
+
+    return spray(planted["out"], classes=[8], tsne=False)
+
+
+def test_planted_model_learns_the_shortcut(planted) -> None:
+    train = planted["train"]
+    assert 0.75 < train.marked[train.y == 8].float().mean() < 0.85
+    assert train.marked[train.y != 8].float().mean() < 0.05
+    r = shortcut_report(planted["model"], planted["test"])
+    assert r["others_clean"] > 0.93  # it reads digits...
+    assert r["class_marked"] > r["class_unmarked"] + 0.08  # ...and the stamp says "8"
+    assert r["others_marked_called_class"] > 0.03
+
+
+def test_spray_separates_the_stamped_eights(planted, sprayed) -> None:
+    a = sprayed[8]
+    marked = planted["eights"].marked[a.indices].numpy()
+    assert adjusted_rand_score(marked, a.clusterings["kmeans-2"]) >= 0.8
+    assert adjusted_rand_score(marked, a.clusterings["agglomerative-2"]) >= 0.8
+    # the spectrum: a second eigenvalue near 0, the third clearly above it
+    assert a.eigenvalues[0] < 1e-6 and a.eigenvalues[1] < 0.01 and a.eigenvalues[2] > 0.04
+    assert a.suggested_k == 2
+    # members from Python: one cluster is (almost) all stamped, the other (almost) none
+    members = sprayed.members(8, 2)
+    purity = sorted(planted["eights"].marked[idx].float().mean().item()
+                    for idx in members.values())
+    assert purity[0] < 0.1 and purity[1] > 0.9
+    assert sum(len(v) for v in members.values()) == len(planted["eights"])
+
+
+def test_spray_file_reads_back_and_plots(planted, sprayed, tmp_path) -> None:
+    from PIL import Image
+
+    from relprop.analysis import load_spray
+
+    again = load_spray(planted["out"])
+    assert again.path == planted["out"] / "spray.h5"
+    np.testing.assert_array_equal(again[8].clusterings["kmeans-2"],
+                                  sprayed[8].clusterings["kmeans-2"])
+    np.testing.assert_allclose(again[8].eigenvalues, sprayed[8].eigenvalues)
+    png = again.eigenvalue_plot(tmp_path / "eig.png")
+    assert Image.open(png).size[0] > 300
+
+
+def test_fine_gradient_x_input_and_corelay_defaults_do_worse(planted, sprayed) -> None:
+    """Side by side on the same 8s: SpRAy's settings on LRP maps pooled to 7x7 against
+    gradient x input at full resolution (28x28), and against CoRelAy's default pipeline."""
+    from relprop.analysis.spray import (
+        SpraySettings,
+        analyse_class,
+        corelay_default_clusters,
+        pool_maps,
+    )
+    from relprop.evaluate import baselines
+
+    a = sprayed[8]
+    data = planted["eights"]
+    marked = data.marked[a.indices].numpy()
+    x = data.x[a.indices]
+    gxi = baselines(planted["model"], x, 8)["gradient_x_input"]
+    fine = SpraySettings(grid=28, tsne=False, agglomerative=False)
+    b = analyse_class(8, a.indices, pool_maps(gxi, 28).double().numpy(), fine)
+    ours = adjusted_rand_score(marked, a.clusterings["kmeans-2"])
+    theirs = adjusted_rand_score(marked, b.clusterings["kmeans-2"])
+    assert ours >= 0.8 and theirs < 0.5, (ours, theirs)
+    # fine maps fall apart: many eigenvalues at 0, no gap after the second
+    assert (b.eigenvalues < 1e-6).sum() >= 3
+    default = adjusted_rand_score(marked, corelay_default_clusters(a.features))
+    assert default < 0.5, default
+
+
+def test_clarc_removes_the_stamp(planted) -> None:
+    from relprop.analysis import clarc
+
+    model, train, test = planted["model"], planted["train"], planted["test"]
+    before_params = {k: v.clone() for k, v in model.state_dict().items()}
+    clean8 = remove_mark(train.x[train.y == 8])
+    eights = test.y == 8
+    result = clarc(model, "features", add_mark(clean8, seed=5), clean8,
+                   clean=(remove_mark(test.x[eights]), test.y[eights]),
+                   marked=(add_mark(test.x[eights], seed=3), test.y[eights]),
+                   mask=mark_mask(), low=0.0, high=1.0)
+    assert result.model is not model
+    after_params = model.state_dict()
+    assert all(torch.equal(before_params[k], after_params[k]) for k in before_params)
+    rep = result.report
+    # the relevance on the stamp is cut by at least half
+    assert rep["after"]["artifact_relevance"] <= 0.5 * rep["before"]["artifact_relevance"]
+    # the 8s no longer depend on the stamp; the unstamped ones lose nothing
+    assert rep["before"]["accuracy_marked"] - rep["before"]["accuracy_clean"] > 0.08
+    assert abs(rep["after"]["accuracy_marked"] - rep["after"]["accuracy_clean"]) <= 0.02
+    assert rep["after"]["accuracy_clean"] >= rep["before"]["accuracy_clean"]
+    before, after = shortcut_report(model, test), shortcut_report(result.model, test)
+    assert after["others_clean"] >= before["others_clean"] - 0.01  # at most 1 point elsewhere
+    assert after["others_marked_called_class"] < 0.01 < before["others_marked_called_class"]
