@@ -134,3 +134,71 @@ def test_clarc_removes_the_stamp(planted) -> None:
     before, after = shortcut_report(model, test), shortcut_report(result.model, test)
     assert after["others_clean"] >= before["others_clean"] - 0.01  # at most 1 point elsewhere
     assert after["others_marked_called_class"] < 0.01 < before["others_marked_called_class"]
+
+
+def test_pcx_gives_the_stamped_eights_their_own_prototype(planted) -> None:
+    """PCX on channel relevance after the first block (record=True, summed over positions):
+    80 of the 8s, 64 of them stamped."""
+    from relprop.analysis.prototypes import concept_vectors, prototypes
+
+    data = planted["eights"]
+    stamped = torch.nonzero(data.marked).ravel()[:64]
+    clean = torch.nonzero(~data.marked).ravel()[:16]
+    rows = torch.cat([stamped, clean])
+    vectors = concept_vectors(planted["model"], data.x[rows], "features_2", 8,
+                              composite="epsilon_gamma_box", low=0.0, high=1.0)
+    assert vectors.shape == (80, 16)
+    p = prototypes(vectors, data.y[rows], rows).classes[8]
+    marked = data.marked[rows].numpy()
+    share = [marked[p.assignment == j].mean() for j in range(2)]
+    mark_proto = int(np.argmax(share))
+    assert share[mark_proto] >= 0.9 and min(share) <= 0.3, share
+    assert (p.assignment[marked] == mark_proto).mean() >= 0.9
+    # typical samples of the stamped prototype are stamped; usage names channels
+    assert data.marked[torch.as_tensor(p.typical[mark_proto][:10])].all()
+    use = p.usage(int(rows[0]))
+    assert len(use["over"]) == 3 and set(use["over"]).isdisjoint(use["under"])
+    assert len(p.outliers(5)) == 5
+
+
+def test_virelay_project_loads_in_virelay(planted, sprayed) -> None:
+    """The export through ViRelAy's own project loader and its REST API (Flask test client)."""
+    from virelay.model import Workspace
+    from virelay.server import Server
+
+    from relprop.analysis import export_virelay
+
+    project = export_virelay(planted["out"], dataset=planted["eights"])
+    workspace = Workspace()
+    workspace.add_project(str(project))
+    try:
+        loaded = workspace.get_project(workspace.get_project_names()[0])
+        assert loaded.get_analysis_methods() == ["spectral"]
+        assert [c.name for c in loaded.get_analysis_categories("spectral")] == ["8"]
+        assert "kmeans-2" in loaded.get_analysis_clustering_names("spectral")
+        analysis = loaded.get_analysis("spectral", "8", "kmeans-2", "spectral")
+        np.testing.assert_array_equal(analysis.clustering, sprayed[8].clusterings["kmeans-2"])
+        attribution = loaded.get_attribution(3)
+        stored = relprop.load_explanations(planted["out"])[3]["relevance"]
+        np.testing.assert_allclose(attribution.data.sum(-1), stored.sum(0).numpy(), atol=1e-6)
+        client = Server(workspace).app.test_client()
+        assert client.get("/api/projects/0").json["analysisMethods"][0]["name"] == "spectral"
+        image = client.get("/api/projects/0/attributions/3/heatmap?colorMap=blue-white-red")
+        assert image.status_code == 200 and image.mimetype == "image/jpeg"
+    finally:
+        workspace.close()
+
+
+def test_analyze_command_writes_the_analysis_and_page(planted, capsys) -> None:
+    from relprop.apps.cli import main
+
+    out = planted["out"]
+    assert main(["analyze", str(out), "--classes", "8", "--no-tsne", "--ks", "2,3"]) == 0
+    printed = capsys.readouterr()
+    assert "class 8:" in printed.out and "eigengap k=2" in printed.out
+    assert (out / "spray_eigenvalues.png").exists() and (out / "spray.h5").exists()
+    page = (out / "analysis.html").read_text()
+    assert "Class 8" in page and page.count("<img") == 1 + 2 * (1 + 8)  # spectrum, clusters
+    # a tensor dataset has no image files for ViRelAy: one clear line
+    assert main(["analyze", str(out), "--classes", "8", "--no-tsne", "--virelay"]) == 2
+    assert "needs the images" in capsys.readouterr().err

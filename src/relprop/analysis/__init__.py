@@ -16,8 +16,12 @@ used. The analysis runs on one machine; the explanations may come from many (tor
 from __future__ import annotations
 
 from .clarc import ClarcResult, clarc
+from .page import summary_page
 from .planted import planted_mnist, train_planted_cnn
+from .prototypes import PrototypeResult, concept_vectors, prototypes
 from .spray import ClassAnalysis, SprayResult, SpraySettings, load_spray, spray
+from .virelay_export import export_virelay
 
-__all__ = ["ClarcResult", "clarc", "planted_mnist", "train_planted_cnn", "ClassAnalysis",
+__all__ = ["ClarcResult", "clarc", "summary_page", "PrototypeResult", "concept_vectors",
+           "prototypes", "export_virelay", "planted_mnist", "train_planted_cnn", "ClassAnalysis",
            "SprayResult", "SpraySettings", "load_spray", "spray"]

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     from .explain_text_cli import add_parser as add_explain_text
 
     add_explain_text(sub)
+    from ..analysis.cli import add_parser as add_analyze
+
+    add_analyze(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             from .explain_text_cli import run as run_explain_text
 
             run_explain_text(args)
+        elif args.command == "analyze":
+            from ..analysis.cli import run as run_analyze
+
+            run_analyze(args)
     except RelpropError as exc:
         print(f"relprop: error: {exc}", file=sys.stderr)
         return 2
