@@ -176,9 +176,7 @@ class Explainer:
         """One forward pass, the seeds at the output, one backward pass per target."""
         # half precision is explained in float32 (on the same rounded weights) and the
         # results handed back in the input's dtype: float16 cannot hold the rules' ratios
-        half = next((t.dtype for t in inputs if t.dtype in _HALF), None) or (
-            _parameter_dtype(self.model) if program.sources else None)
-        half = half if half in _HALF else None
+        half = _half_type(inputs, self.model, program)
         compute = torch.float32 if half is not None else None
         # token ids stay as they are: their embedding lookups make the leaves (run.sources)
         leaves = tuple(t.detach().to(compute or t.dtype).clone().requires_grad_(True)
@@ -194,23 +192,8 @@ class Explainer:
         explained = (seeds * flat.detach()).sum(-1).T  # (B, K)
         relevance, layers, ledger = _backward(program, run, leaves, flat, seeds, explained,
                                               record)
-        if not multi:
-            relevance = tuple(r.squeeze(1) for r in relevance)
-            index, explained = index[:, 0], explained[:, 0]
-            if layers is not None:
-                layers = {k: v.squeeze(1) for k, v in layers.items()}
-        if half is not None:
-            relevance = tuple(r.to(half) for r in relevance)
-            output, explained = output.to(half), explained.to(half)
-        # token inputs: relevance per token, and per embedding dimension in `embeddings`
-        tokens = [not t.is_floating_point() for t in inputs]
-        embeddings = tuple(r if tok else None for r, tok in zip(relevance, tokens, strict=True))
-        relevance = tuple(r.sum(-1) if tok else r for r, tok in zip(relevance, tokens,
-                                                                       strict=True))
-        return Explanation(relevance=relevance, output=output.detach(), target=index,
-                           explained=explained, composite=self.composite.name,
-                           parameters=self.composite.describe(), layers=layers,
-                           _ledger=ledger, embeddings=embeddings if any(tokens) else None)
+        return _explanation(self.composite, inputs, output, index, explained, relevance,
+                            layers, ledger, multi, half)
 
     def _explain_chunked(self, inputs: tuple[Tensor, ...], target: Target,
                          output_relevance: Tensor | None, start: str, record: bool,
@@ -302,6 +285,30 @@ def _backward(program: Program, run: RunResult, leaves: tuple[Tensor, ...], flat
     return relevance, layers, ledgers[0] if K == 1 else Ledger.stack(ledgers)
 
 
+def _explanation(composite: Composite, inputs: tuple[Tensor, ...], output: Tensor,
+                 index: Tensor, explained: Tensor, relevance: tuple[Tensor, ...],
+                 layers: dict[str, Tensor] | None, ledger: Ledger | None, multi: bool,
+                 half: torch.dtype | None) -> Explanation:
+    """The Explanation of one batch: without a target dimension where one target per
+    sample was asked, in the half type the input came in, token relevance summed over
+    the embedding (kept per dimension in `embeddings`)."""
+    if not multi:
+        relevance = tuple(r.squeeze(1) for r in relevance)
+        index, explained = index[:, 0], explained[:, 0]
+        if layers is not None:
+            layers = {k: v.squeeze(1) for k, v in layers.items()}
+    if half is not None:
+        relevance = tuple(r.to(half) for r in relevance)
+        output, explained = output.to(half), explained.to(half)
+    tokens = [not t.is_floating_point() for t in inputs]
+    embeddings = tuple(r if tok else None for r, tok in zip(relevance, tokens, strict=True))
+    relevance = tuple(r.sum(-1) if tok else r for r, tok in zip(relevance, tokens, strict=True))
+    return Explanation(relevance=relevance, output=output.detach(), target=index,
+                       explained=explained, composite=composite.name,
+                       parameters=composite.describe(), layers=layers, _ledger=ledger,
+                       embeddings=embeddings if any(tokens) else None)
+
+
 def _by_target(parts: list[Tensor]) -> Tensor:
     """K per-target tensors (B, ...) as one (B, K, ...)."""
     return parts[0].unsqueeze(1) if len(parts) == 1 else torch.stack(parts, 1)
@@ -368,9 +375,14 @@ def _join_maps(maps: list[Tensor], chunk: int) -> Tensor:
     return torch.stack(maps)
 
 
-def _parameter_dtype(model: nn.Module) -> torch.dtype | None:
-    """The floating-point type of the model's first floating parameter."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+def _half_type(inputs: tuple[Tensor, ...], model: nn.Module,
+               program: Program) -> torch.dtype | None:
+    """The half type an explanation is handed back in: the first half-precision input's,
+    or for token ids (program.sources) the model's first floating parameter's; else None."""
+    half = next((t.dtype for t in inputs if t.dtype in _HALF), None) or (
+        next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if program.sources else None)
+    return half if half in _HALF else None
 
 
 def _as_tuple(r: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
