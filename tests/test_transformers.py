@@ -295,13 +295,13 @@ def test_causal_masks_are_recognised_and_biases_are_not() -> None:
 
 
 def test_repeated_keys_and_values_run_as_grouped_query_attention() -> None:
-    from relprop.ops import meaning
+    from relprop.ops import is_op
 
     model = ref.tiny_llama(0, "sdpa")  # 4 query heads, 2 key-value heads
     expl = relprop.Explainer(model, "attnlrp")
     expl(IDS, target=4)
     (program,) = expl._programs.values()
     calls = [s.node for s in program.steps
-             if meaning(s.node) is torch.nn.functional.scaled_dot_product_attention]
+             if is_op(s.node, "scaled_dot_product_attention")]
     assert len(calls) == model.config.num_hidden_layers
     assert all(n.kwargs.get("enable_gqa") for n in calls)

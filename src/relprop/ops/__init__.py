@@ -1,23 +1,14 @@
-"""The op catalogue: what relprop knows of each traced operation (its rule family,
-`classify`), the data model it hands to the passes and the planner (`Kind`,
-`OpSpec`) and how an op is named in error messages. Pure lookup: nothing here
+"""The op vocabulary: what each traced operation is, whatever its spelling
+(`meaning`, `is_op`; relprop.ops.vocabulary), its rule family and OpSpec
+(`classify`), and how an op is named in error messages. Pure lookup: nothing here
 rewrites a graph (that is relprop.passes).
 """
 
-from .aten import meaning
-from .catalogue import (
-    GATES,
-    STATISTIC_METHODS,
-    STATISTICS,
-    classify,
-    conv_padding,
-    ntuple,
-    pad_arguments,
-)
+from .catalogue import classify, pad_arguments
 from .locations import node_location, node_path, original_label, user_frame
 from .spec import SPEC, Kind, OpSpec, node_args, spec
+from .vocabulary import Op, identity, is_op, lookup, max_pool_with_indices, meaning
 
-__all__ = ["GATES", "SPEC", "STATISTICS", "STATISTIC_METHODS", "meaning", "Kind", "OpSpec",
-           "classify", "conv_padding", "node_args",
-           "node_location", "node_path", "ntuple", "original_label", "pad_arguments", "spec",
-           "user_frame"]
+__all__ = ["SPEC", "Kind", "Op", "OpSpec", "classify", "identity", "is_op", "lookup",
+           "max_pool_with_indices", "meaning", "node_args", "node_location", "node_path",
+           "original_label", "pad_arguments", "spec", "user_frame"]

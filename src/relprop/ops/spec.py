@@ -30,6 +30,7 @@ class Kind(Enum):
     SOURCE = "source"  # embedding lookup of token ids: relevance is explained at its output
     BILINEAR = "bilinear"  # product of two activations (Q K^T, A V, gated MLP): uniform split
     ATTENTION = "attention"  # scaled_dot_product_attention: AttnLRP / CP-LRP
+    SIMILARITY = "similarity"  # cosine similarity: norms held, products split uniformly
 
 
 @dataclass
@@ -53,6 +54,7 @@ class OpSpec:
     module: Any = None  # RECURRENT: the nn.LSTM / nn.GRU it runs
     signal: int | None = None  # signal * gate: the position of the signal (the gate is detached)
     weights: int | None = None  # BILINEAR: the operand holding attention weights (softmax)
+    op: Any = None  # the vocabulary entry (relprop.ops.vocabulary.Op); None for user families
 
 
 def spec(node: fx.Node) -> OpSpec | None:

@@ -6,22 +6,17 @@ and products whose gate factor is detached (`_make_gated`).
 
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import UnsupportedOperationError
-from ..ops import SPEC, Kind, OpSpec, classify, meaning, node_args, node_location, spec
-
-_BINARY_SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
-                "add", "sub", "__add__", "__sub__", "add_", "sub_"}
+from ..ops import SPEC, Kind, OpSpec, classify, is_op, meaning, node_args, node_location, spec
 
 
 def is_binary_sum(node: fx.Node) -> bool:
     """x + y or x - y (any spelling: operator, torch function, method, ATen op)."""
-    return node.target in _BINARY_SUMS or getattr(node.target, "_opname", "") in ("add", "sub")
+    op = meaning(node)
+    return op is not None and op.binary_sum
 
 
 def mark_dynamic(graph: fx.Graph, constants: frozenset[str] = frozenset(),
@@ -57,22 +52,15 @@ def mark_dynamic(graph: fx.Graph, constants: frozenset[str] = frozenset(),
     return _reaching_output(graph, dynamic)
 
 
-_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "__len__"}
-_SHAPE_ATEN = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata"}
-
-
 def _reads_shape_only(node: fx.Node) -> bool:
     """A node that reads a tensor's size, not its values."""
-    if node.op == "call_method":
-        return str(node.target) in _SHAPE_METHODS
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._opname in _SHAPE_ATEN
-    return node.target in (getattr, len)
+    op = meaning(node)
+    return op is not None and op.shape_only
 
 
 def is_lookup(node: fx.Node, indexed: set[fx.Node]) -> bool:
     """An embedding lookup of token ids (F.embedding(ids, W); aten.embedding(W, ids))."""
-    if meaning(node) is not F.embedding:
+    if not is_op(node, "embedding"):
         return False
     ids = node.args[1] if isinstance(node.target, torch._ops.OpOverload) else (
         node.args[0] if node.args else node.kwargs.get("input"))
@@ -151,10 +139,7 @@ def _make_gated(node: fx.Node, s: OpSpec, dynamic: set[fx.Node]) -> None:
     without a gate: Q K^T, A V, a gated MLP's silu(g) * u) is bilinear: the uniform
     rule of relprop.rules.attention (the composite's `attention`).
     """
-    what = meaning(node)
-    is_mul = what in (operator.mul, torch.mul, operator.imul, "mul", "mul_", "__mul__")
-    is_matmul = what in (torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm",
-                         "mm", "__matmul__")
+    is_mul, is_matmul = is_op(node, "mul"), is_op(node, "matmul")
     factors = node.args[:2]
     gates = [i for i, a in enumerate(factors) if isinstance(a, fx.Node) and _gate_source(a)]
     if is_matmul or (is_mul and len(factors) == 2 and len(gates) != 1):

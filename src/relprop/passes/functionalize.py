@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import UnsupportedOperationError
-from ..ops import conv_padding, node_location
-from ..ops.catalogue import _identity
+from ..ops import node_location
+from ..ops.vocabulary import identity as _identity
 from ..registry import module_family
+from .arguments import conv_padding
 from .multihead import expand_multihead_attention
 
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedOperationError
-from ..ops import node_location
+from ..ops import is_op, node_location
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 _KEPT_META = ("nn_module_stack", "stack_trace")
@@ -83,7 +83,7 @@ def expand_multihead_attention(graph: fx.Graph, node: fx.Node, m: nn.MultiheadAt
         raise refuse("add_zero_attn=True")
     users = list(node.users)
     for user in users:
-        if user.op != "call_function" or user.target is not operator.getitem or \
+        if not is_op(user, "getitem") or \
                 user.args[1] not in (0, 1) or (user.args[1] == 1 and user.users):
             raise refuse("its output is used other than as `out, _ = attention(...)`")
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..ops import original_label, pad_arguments
+from ..ops import is_op, original_label, pad_arguments
 
 _PAD_MODES = {"reflection": "reflect", "replication": "replicate"}
 
@@ -52,7 +52,7 @@ def normalize_padding(graph: fx.Graph) -> None:
         if aten is not None:
             node.meta.setdefault("relprop_label", original_label(node))
             x, pad, mode, value = aten
-        elif node.op == "call_function" and node.target is F.pad:
+        elif is_op(node, "pad"):
             x, pad, mode, value = pad_arguments(node)
         else:
             continue

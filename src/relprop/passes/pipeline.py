@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from .arguments import normalize_layer_arguments
 from .batchnorm import batchnorm_as_affine, fold_batchnorm
 from .classify import classify_nodes, mark_dynamic
 from .functionalize import functionalize
@@ -39,6 +40,7 @@ def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
     grouped_query(graph)
     hold_statistics(graph)
     dynamic = mark_dynamic(graph, constants, index_inputs)
+    normalize_layer_arguments(graph, root, dynamic)
     classify_nodes(graph, root, dynamic)
     attention_weights(graph)
     fold_batchnorm(graph)

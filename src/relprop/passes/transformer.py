@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -26,24 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ops import STATISTIC_METHODS, STATISTICS, Kind, meaning, node_args, spec
+from ..ops import Kind, is_op, meaning, node_args, spec
 from ..registry import module_family
 
-_MULTIPLY = {operator.mul, torch.mul, "mul", "__mul__", "mul_"}
-_DIVIDE = {operator.truediv, torch.div, "div", "__truediv__", "div_"}
 # ops a held-constant statistic may pass through on its way to the product
-_PASSING = {torch.Tensor.to, "to", "expand", "expand_as", "view", "reshape", "unsqueeze",
-            "float", "type_as", torch.flatten, torch.unsqueeze}
+_PASSING = ("cast", "expand", "view", "reshape", "unsqueeze", "flatten")
 
 
 def linear_products(graph: fx.Graph, root: nn.Module) -> None:
     """matmul(x, W) / addmm(b, x, W) with a 2-d parameter W -> F.linear(x, W.T, b)."""
     for node in list(graph.nodes):
-        what = meaning(node)
-        if what in (torch.matmul, operator.matmul, torch.mm, "matmul", "__matmul__", "mm"):
+        if is_op(node, "matmul"):  # (bmm never has a 2-d parameter: left alone below)
             x, w = node.args[0], node.args[1]
             bias = None
-        elif what is torch.addmm and not node.kwargs:
+        elif is_op(node, "addmm") and not node.kwargs:
             bias, x, w = node.args[0], node.args[1], node.args[2]
         else:
             continue
@@ -78,7 +73,7 @@ def hold_statistics(graph: fx.Graph) -> set[fx.Node]:
     held: set[fx.Node] = set()
     for node in graph.nodes:
         what = meaning(node)
-        if what not in STATISTICS and what not in STATISTIC_METHODS:
+        if what is None or not what.statistic:
             continue
         if node.users and all(_scales(node, user) for user in node.users):
             node.meta["relprop_constant"] = "statistic"
@@ -89,12 +84,11 @@ def hold_statistics(graph: fx.Graph) -> set[fx.Node]:
 def _scales(node: fx.Node, user: fx.Node) -> bool:
     """`user` multiplies an activation by `node`, or divides one by it (maybe through
     casts and reshapes)."""
-    what = meaning(user)
-    if what in _PASSING and user.args and user.args[0] is node:
+    if is_op(user, *_PASSING) and user.args and user.args[0] is node:
         return all(_scales(user, u) for u in user.users) and bool(user.users)
-    if what in _MULTIPLY:
+    if is_op(user, "mul"):
         return node in user.args[:2]
-    if what in _DIVIDE:
+    if is_op(user, "div"):
         return len(user.args) > 1 and user.args[1] is node and user.args[0] is not node
     return False
 
@@ -208,16 +202,13 @@ def _mask_passes(softmax: fx.Node) -> None:
         return
 
 
-_SOFTMAX = {F.softmax, torch.softmax, "softmax"}
-
-
 def _softmax_source(node: Any) -> fx.Node | None:
     """The softmax node `node` is (through moves, casts and dropout), if any."""
     while isinstance(node, fx.Node):
         s = spec(node)
         if s is None:
             return None
-        if meaning(node) in _SOFTMAX:
+        if is_op(node, "softmax"):
             return node
         if s.kind is Kind.GRADIENT and not s.product and len(
                 [a for a in node_args(node) if spec(a) is not None]) == 1 and node.args:
@@ -233,7 +224,7 @@ def grouped_query(graph: fx.Graph) -> None:
     `enable_gqa=True` instead. Same values; the relevance of the copies, which the
     repeat sums back, is summed by the kernel's backward; no repeated copy is kept."""
     for node in graph.nodes:
-        if meaning(node) is not F.scaled_dot_product_attention or len(node.args) < 3 or \
+        if not is_op(node, "scaled_dot_product_attention") or len(node.args) < 3 or \
                 node.kwargs.get("enable_gqa") or len(node.args) > 7:
             continue
         sources = [_repeated_source(a) for a in node.args[1:3]]
@@ -245,16 +236,13 @@ def grouped_query(graph: fx.Graph) -> None:
 
 def _repeated_source(node: Any) -> fx.Node | None:
     """x if node is x[:, :, None].expand(B, kv, n, T, D).reshape(B, kv * n, T, D)."""
-    if not isinstance(node, fx.Node) or meaning(node) not in ("reshape", "view", "_unsafe_view",
-                                                               torch.reshape):
+    if not is_op(node, "reshape", "view"):
         return None
     expand = _through_full_slices(node.args[0])
-    if not isinstance(expand, fx.Node) or meaning(expand) != "expand":
+    if not is_op(expand, "expand"):
         return None
     unsqueeze = _through_full_slices(expand.args[0])
-    if not isinstance(unsqueeze, fx.Node) or meaning(unsqueeze) not in ("unsqueeze",
-                                                                         torch.unsqueeze) \
-            or unsqueeze.args[1:] != (2,):
+    if not is_op(unsqueeze, "unsqueeze") or unsqueeze.args[1:] != (2,):
         return None
     source = _through_full_slices(unsqueeze.args[0])
     shapes = [n.meta.get("val") for n in (node, source)]
@@ -269,7 +257,7 @@ def _repeated_source(node: Any) -> fx.Node | None:
 
 def _through_full_slices(node: Any) -> Any:
     """Skip `x[:, ...]` slices that take a whole dimension (torch.export writes them)."""
-    while isinstance(node, fx.Node) and meaning(node) == "slice" and len(node.args) >= 4 and \
+    while is_op(node, "slice") and len(node.args) >= 4 and \
             node.args[2] == 0 and node.args[3] == 9223372036854775807 and \
             (len(node.args) < 5 or node.args[4] == 1):
         node = node.args[0]

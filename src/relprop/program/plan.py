@@ -18,21 +18,18 @@ from ..composites import Composite, LayerInfo
 from ..functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio
 from ..fused import RELU, Activation, FusedLayer, LeanMaxPool, ProportionalRelu, fused_direct
 from ..layers import LayerWeights, fold_batchnorm_weights
-from ..ops import Kind, OpSpec, node_args, spec
+from ..ops import Kind, OpSpec, is_op, max_pool_with_indices, node_args, spec
 from ..passes import canonize, mark_nonneg, positive_only
 from ..recurrent import RecurrentRule, run_aten_cell, run_recurrent
+from ..refs import Ref
 from ..rules import BoundLayer, Rule, Tally
-from ..shadow import MAX_POOLS, Role, plan_shadows, zero_preserving
+from ..rules.attention import cosine_similarity
+from ..shadow import Role, plan_shadows, zero_preserving
 from ..trace import TracedModel
 
 
-@dataclass(frozen=True)
-class _Ref:
-    index: int
-
-
 def _template(value: Any, index: dict[fx.Node, int]) -> Any:
-    return fx.node.map_arg(value, lambda n: _Ref(index[n]))  # type: ignore[arg-type]
+    return fx.node.map_arg(value, lambda n: Ref(index[n]))  # type: ignore[arg-type]
 
 
 class LayerCall:
@@ -199,6 +196,8 @@ def _step_call(s: OpSpec, composite: Composite) -> Callable[..., Any]:
         return layer_norm
     if s.kind is Kind.ATTENTION:
         return composite.attention.attention
+    if s.kind is Kind.SIMILARITY:
+        return cosine_similarity
     if s.kind is Kind.BILINEAR:
         return functools.partial(composite.attention.product, fn, weights=s.weights)
     if s.kind is Kind.ELEMENTWISE:
@@ -221,7 +220,7 @@ def _names_half(value: Any) -> bool:
 
 
 def _is_metadata_assert(node: fx.Node) -> bool:
-    return getattr(node.target, "_opname", None) == "_assert_tensor_metadata"
+    return is_op(node, "assert_metadata")
 
 
 def _no_check(*args: Any, **kwargs: Any) -> None:
@@ -252,7 +251,8 @@ def _plan_fast_paths(steps: list[Step], nodes: list[fx.Node], index: dict[fx.Nod
     for i, step in enumerate(steps):
         if step.fast is not None or (i in shadowed and step.rule is None):
             continue
-        if step.op == "call_function" and step.node.target in MAX_POOLS:
+        op = spec(step.node).op if spec(step.node) is not None else None
+        if op is not None and op.pool_dims and not op.returns_indices:
             step.fast = _lean_max_pool(step.node)
             continue
         if step.kind is Kind.PROPORTIONAL and composite.stabilizer > 0:
@@ -327,7 +327,9 @@ def _zero_and_sign_preserving(act: Callable[[Tensor], Tensor]) -> bool:
 
 def _lean_max_pool(node: fx.Node) -> Callable[..., Any] | None:
     """Max pooling that saves int32 argmax positions only (relprop.fused.LeanMaxPool)."""
-    with_indices, ndim, flag = MAX_POOLS[node.target]
+    op = spec(node).op
+    with_indices, flag = max_pool_with_indices(op)
+    ndim = op.pool_dims
     wants_indices = node.args[flag] if len(node.args) > flag else node.kwargs.get(
         "return_indices", False)
     if wants_indices is not False:

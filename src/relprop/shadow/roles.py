@@ -1,56 +1,15 @@
-"""The shadow channel: relevance that gradient form cannot carry.
-
-Autograd carries c = R / a, so relevance that lands on a value a = 0 is lost:
-a bias share handed to a unit a ReLU switched off (`bias="distribute"`), the
-flat and w-square rules on zero inputs, sigmoid(0) passing its relevance to
-an input that is exactly 0. Such relevance travels on a second channel: every
-value a on the way gets a *shadow*, a zero tensor of a's shape computed from
-its inputs' shadows, whose gradient is relevance itself (not divided by a).
-
-Which values get a shadow is decided once per program (`plan_shadows`): the
-inputs of the ops that produce direct relevance (producers), and, backwards
-from them, the inputs of every op the shadow can cross:
-
-- moves (reshape, flatten, cat, split, indexing, padding, dropout): the same
-  op applied to the shadow carries relevance with the values;
-- max pooling: the shadow is gathered at the value's argmax (winner takes all);
-- identity-rule activations (ReLU, tanh, sigmoid, ...): R passes unchanged;
-  it re-enters gradient form where the input is non-zero;
-- sums (x + y, sum, mean, average pooling): proportional split, and an equal
-  split where the sum is exactly 0 (relprop.functions.ShadowSum);
-- scaling by a constant, and a signal times a gate: R passes unchanged (to
-  the signal).
-
-A shadow stops at a dense/conv layer (the relevance joins the layer's own
-before its rule), at a model input (the shadow is a leaf whose gradient adds
-to the input relevance) and at ops it cannot cross (normalisation, gated
-products, recurrent layers): there what it carries is lost and the ledger
-shows it as "other".
-"""
+"""Which role each op plays on the shadow channel (`role`) and which values get a
+shadow (`plan_shadows`), decided once per program."""
 
 from __future__ import annotations
 
-import operator
 from enum import Enum
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
-from .ops import Kind, node_args, spec
-
-# max pooling -> (its with-indices form, spatial dims, position of return_indices)
-MAX_POOLS: dict[Any, tuple[Any, int, int]] = {
-    F.max_pool1d: (F.max_pool1d_with_indices, 1, 6),
-    F.max_pool2d: (F.max_pool2d_with_indices, 2, 6),
-    F.max_pool3d: (F.max_pool3d_with_indices, 3, 6),
-    F.adaptive_max_pool1d: (F.adaptive_max_pool1d_with_indices, 1, 2),
-    F.adaptive_max_pool2d: (F.adaptive_max_pool2d_with_indices, 2, 2),
-    F.adaptive_max_pool3d: (F.adaptive_max_pool3d_with_indices, 3, 2),
-}
-_DIVISIONS = {operator.truediv, torch.div, operator.itruediv, "div", "div_", "__truediv__"}
-_SIGNED_IDENTITY = {F.leaky_relu, F.prelu}
+from ..ops import Kind, max_pool_with_indices, node_args, spec
 
 
 class Role(Enum):
@@ -77,19 +36,20 @@ def role(node: fx.Node, dynamic: set[fx.Node]) -> Role | None:
         return Role.LAYER
     if s.kind is Kind.RECURRENT:
         return Role.RECURRENT
-    if s.kind is Kind.ELEMENTWISE or s.zero_below or node.target in _SIGNED_IDENTITY:
+    op = s.op
+    if s.kind is Kind.ELEMENTWISE or s.zero_below or (op is not None and op.signed_identity):
         return Role.IDENTITY
     if s.kind is Kind.PROPORTIONAL:
         return Role.SUM
     if s.kind is not Kind.GRADIENT:
         return None
-    if node.target in MAX_POOLS:
-        return Role.POOL if not _returns_indices(node) else None
+    if op is not None and op.pool_dims:
+        return Role.POOL if op.returns_indices or not _returns_indices(node) else None
     if s.signal is not None:
         return Role.SCALE
     if s.product:
         dyn = [a for a in data_inputs(node, dynamic)]
-        if len(dyn) != 1 or (node.target in _DIVISIONS and node.args[0] is not dyn[0]):
+        if len(dyn) != 1 or (op is not None and op.divides and node.args[0] is not dyn[0]):
             return None  # c / x is not linear in x
         return Role.SCALE
     if s.pure_move or _is_move(node):
@@ -101,12 +61,13 @@ def _is_move(node: fx.Node) -> bool:
     """GRADIENT ops that are linear with 0/1 coefficients (cat, getitem, pad, expand, ...)."""
     s = spec(node)
     return s is not None and s.kind is Kind.GRADIENT and not s.product and \
-        s.signal is None and not s.zero_below and node.target not in _SIGNED_IDENTITY and \
-        node.target not in MAX_POOLS and s.fn is not None
+        s.signal is None and not s.zero_below and s.fn is not None and (
+            s.op is None or not (s.op.signed_identity or s.op.pool_dims))
 
 
 def _returns_indices(node: fx.Node) -> bool:
-    flag = MAX_POOLS[node.target][2]
+    """A max pooling called with return_indices=True (fx spelling)."""
+    flag = max_pool_with_indices(spec(node).op)[1]
     value = node.args[flag] if len(node.args) > flag else node.kwargs.get(
         "return_indices", False)
     return value is not False
