@@ -70,13 +70,17 @@ class Program:
 
     def run(self, inputs: list[Tensor], record: bool = False,
             dtype: torch.dtype | None = None,
-            keywords: dict[str, Any] | None = None) -> RunResult:
+            keywords: dict[str, Any] | None = None,
+            conditions: dict[int, Callable[[Any, Any], tuple[Any, Any]]] | None = None,
+            ) -> RunResult:
         """Forward pass; with record=True every value and gradient is kept for the ledger.
 
         `dtype`: compute in this floating-point type, parameters and buffers cast
         to it (half-precision models are explained in float32: the rules divide by
         small denominators that float16 cannot hold). `keywords`: the values of the
-        keyword inputs traced as constants (by parameter name).
+        keyword inputs traced as constants (by parameter name). `conditions`: step index ->
+        a callable given that step's value and shadow, returning what its consumers read
+        (relprop.concepts wraps them to mask or capture the gradient there).
         """
         env: list[Any] = [None] * len(self.steps)
         shadows: list[Any] = [None] * len(self.steps)
@@ -145,6 +149,8 @@ class Program:
                 sources.setdefault(self.sources[i], []).append(value)
             if rec is not None and step.dynamic:
                 value, shadows[i] = rec.tap_output(i, value, shadows[i])
+            if conditions is not None and i in conditions:
+                value, shadows[i] = conditions[i](value, shadows[i])
             env[i] = value
             if rec is None:
                 for j in step.frees:
