@@ -164,7 +164,12 @@ def artifact_share(model: nn.Module, x: Tensor, mask: Tensor, target: int | Tens
     from ..explain import Explainer
 
     _register()
-    rel = Explainer(model, composite, **params)(x, target=target).relevance.detach()
-    pos = rel.clamp_min(0).sum(1)  # channels summed
+    return region_share(Explainer(model, composite, **params)(x, target=target).relevance,
+                        mask)
+
+
+def region_share(relevance: Tensor, mask: Tensor) -> float:
+    """Mean over samples of the share of positive relevance (channels summed) inside mask."""
+    pos = relevance.detach().clamp_min(0).sum(1)
     inside = (pos * mask.to(pos.device)).sum((1, 2))
     return (inside / pos.sum((1, 2)).clamp_min(1e-12)).mean().item()

