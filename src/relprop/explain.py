@@ -135,7 +135,8 @@ class Explainer:
                 record: bool | None = None, batch_size: int | None = None,
                 progress: bool = False,
                 forward_kwargs: dict[str, Any] | None = None,
-                position: int | None = None) -> Explanation:
+                position: int | None = None, condition: Any = None,
+                exclude_parallel: bool = True) -> Explanation:
         """Relevance of every input feature for the chosen output(s).
 
         `forward_kwargs`: keyword inputs of the model's forward that are not explained
@@ -144,8 +145,16 @@ class Explainer:
         targets index (a causal LM's next-token logits: the last position, the
         default for models that generate); a (position, token) tuple target picks
         its own position, so [[(5, t1), (6, t2)]] explains two generated tokens.
+        `condition`: one map per concept, {"features.28": [3, 7]} (relprop.concepts).
         """
         record = self.record if record is None else record
+        if condition is not None:
+            from .concepts.conditional import explain as conditional
+
+            return conditional(self, x, target, condition=condition, record=record,
+                               exclude_parallel=exclude_parallel, start=start,
+                               output_relevance=output_relevance,
+                               forward_kwargs=forward_kwargs, position=position)
         inputs = _check_inputs(x)
         forward_kwargs = dict(forward_kwargs or {})
         targets.check_start(start)
@@ -222,12 +231,13 @@ def explain(model: nn.Module, x: Tensor | tuple[Tensor, ...], target: Target = N
             output_relevance: Tensor | None = None,
             start: str = "value", record: bool = False, batch_size: int | None = None,
             progress: bool = False, forward_kwargs: dict[str, Any] | None = None,
-            position: int | None = None, **params: Any) -> Explanation:
+            position: int | None = None, condition: Any = None, exclude_parallel: bool = True,
+            **params: Any) -> Explanation:
     """One-shot: build an Explainer and explain x (build an Explainer to reuse the trace)."""
     return Explainer(model, composite, **params).explain(
         x, target, output_relevance=output_relevance, start=start, record=record,
         batch_size=batch_size, progress=progress, forward_kwargs=forward_kwargs,
-        position=position)
+        position=position, condition=condition, exclude_parallel=exclude_parallel)
 
 
 # ----------------------------------------------------------------- helpers
