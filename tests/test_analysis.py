@@ -202,3 +202,73 @@ def test_analyze_command_writes_the_analysis_and_page(planted, capsys) -> None:
     # a tensor dataset has no image files for ViRelAy: one clear line
     assert main(["analyze", str(out), "--classes", "8", "--no-tsne", "--virelay"]) == 2
     assert "needs the images" in capsys.readouterr().err
+
+
+def _chromium_dom(url: str, profile, budget_ms: int = 20000) -> str:
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed for this test (make test installs it)"
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+         "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+
+
+def test_virelay_opens_the_project_in_a_browser(planted, sprayed, tmp_path) -> None:
+    """`python -m virelay project.yaml` serves the export; headless Chromium shows the class,
+    both clusters with their sizes, and the selected samples' heatmaps."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from relprop.analysis import export_virelay
+
+    project = export_virelay(planted["out"], tmp_path / "virelay", dataset=planted["eights"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "virelay", str(project), "--host",
+                               "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):  # up to 60 s for the server to answer
+            try:
+                urllib.request.urlopen(f"{base}/api/projects", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                time.sleep(0.5)
+        members = sprayed.members(8, 2)
+        picked = [int(members[0][0]), int(members[1][0])]
+        dom = _chromium_dom(
+            f"{base}/projects/0?analysisMethod=spectral&analysisCategory=8&clustering=kmeans-2"
+            f"&embedding=spectral&imageMode=Attribution&embeddingVectors={picked[0]},{picked[1]}",
+            tmp_path / "profile")
+        assert "8 (8)" in dom  # the class, named from the label map
+        for k, idx in members.items():
+            assert f"Cluster {k + 1} ({len(idx)})" in dom
+        for i in picked:
+            src = f"/api/projects/0/attributions/{i}/heatmap"
+            assert src in dom
+            reply = urllib.request.urlopen(f"{base}{src}?colorMap=black-fire-red", timeout=10)
+            assert reply.headers["Content-Type"] == "image/jpeg" and len(reply.read()) > 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_summary_page_shows_its_pictures_in_a_browser(planted, sprayed, tmp_path) -> None:
+    from relprop.analysis import summary_page
+
+    page = summary_page(sprayed, tmp_path / "analysis.html", dataset=planted["eights"],
+                        thumbnails=3)
+    dom = _chromium_dom(page.as_uri(), tmp_path / "profile", 5000)
+    total = int(dom.split('data-images-total="')[1].split('"')[0])
+    ok = int(dom.split('data-images-ok="')[1].split('"')[0])
+    assert total == 1 + 2 * (1 + 3 * 2) and ok == total  # spectrum; means, inputs, heatmaps
