@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	# LXT 2.1, the AttnLRP authors' code, as a test oracle run in a subprocess; its declared
 	# dependencies (bitsandbytes, open_clip, accelerate) are not needed for what we run
 	$(BIN)/pip install --quiet --no-deps lxt==2.1
+	# zennit-crp 0.6.0, the CRP authors' code, as the concepts oracle: it pins torch < 2 and
+	# numpy <= 1.23.5, which CondAttribution does not need
+	$(BIN)/pip install --quiet --no-deps zennit-crp==0.6.0
 	touch $(STAMP)
 
 setup: $(STAMP)
