@@ -4,7 +4,9 @@
   per concept (conditional relevance), from one forward pass (conditional.py);
 - `relevance(explainer, x, target, "features.28")`: relevance per channel at a layer, with
   the top concepts and their shares (relevance.py);
-- `heads(n)`, `directions(matrix)`: attention heads and user directions as concepts.
+- `heads(n)`, `directions(matrix)`: attention heads and user directions as concepts;
+- `collect(model, dataset, layers, out)` and `load(out).top(layer, channel)`: reference
+  samples per channel over a dataset (collect.py, references.py).
 
 Layers are named by module path or by the ledger's node names (sites.py).
 """
@@ -18,15 +20,17 @@ from torch import Tensor, nn
 from ..composites import Composite
 from ..explain import DEFAULT_COMPOSITE, Explainer
 from ..targets import Target
+from .collect import MEASURES, CollectSummary, collect
 from .conditional import ConditionalExplanation
 from .conditional import explain as _explain
 from .conditions import Channels, ConceptSet, Directions, Heads, directions, heads
+from .references import References, Top, load, receptive_field
 from .relevance import ConceptRelevance, relevance
 from .sites import ConceptError
 
-__all__ = ["Channels", "ConceptError", "ConceptRelevance", "ConceptSet",
-           "ConditionalExplanation", "Directions", "Heads", "directions", "explain", "heads",
-           "relevance"]
+__all__ = ["MEASURES", "Channels", "CollectSummary", "ConceptError", "ConceptRelevance",
+           "ConceptSet", "ConditionalExplanation", "Directions", "Heads", "References", "Top",
+           "collect", "directions", "explain", "heads", "load", "receptive_field", "relevance"]
 
 
 def explain(model: nn.Module | Explainer, x: Tensor | tuple[Tensor, ...], target: Target = None,

@@ -36,7 +36,7 @@ from ..targets import Target
 from ..trace import TRACE_LOCK, preserved
 from .conditions import Condition, Row
 from .gates import SiteGate
-from .sites import ConceptError, Site, bypassed, resolve
+from .sites import ConceptError, Site, bypassed, resolve, unfused
 
 
 @dataclass
@@ -65,6 +65,7 @@ def explain(explainer: Explainer, x: Tensor | tuple[Tensor, ...], target: Target
     with torch.inference_mode(False), torch.enable_grad():
         program = explainer._cache.get(inputs, keywords)
     sites = {k: resolve(program, k) for k in cond.keys}
+    program = unfused(program, [s.step for s in sites.values()])
     copies = 1 if record else _copies(cond, inputs[0], concept_batch)
     with TRACE_LOCK.shared(), preserved(explainer.model), torch.inference_mode(False), \
             torch.enable_grad():

@@ -18,7 +18,7 @@ from ..targets import Target
 from ..trace import TRACE_LOCK, preserved
 from .conditions import ConceptSet, Directions, Heads
 from .gates import SiteGate
-from .sites import ConceptError, resolve
+from .sites import ConceptError, Site, resolve, unfused
 
 
 @dataclass
@@ -71,25 +71,54 @@ def relevance(explainer: Explainer, x: Tensor | tuple[Tensor, ...], target: Targ
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
         raise ConceptError("name at least one layer")
-    inputs = _check_inputs(x)
+    got = capture(explainer, _check_inputs(x), target, names, output_relevance=output_relevance,
+                  start=start, forward_kwargs=forward_kwargs, position=position)
+    out = {}
+    for key, site in got.sites.items():
+        gate = got.gates[site.step]
+        r = torch.stack([_grouped(gate, c[site.step], concepts) for c in got.grads], 1)
+        if not got.multi:
+            r = r[:, 0]
+        explained = got.explained if got.multi else got.explained[:, 0]
+        out[key] = ConceptRelevance(key, r.detach(), explained.detach(),
+                                    _labels(gate, concepts))
+    return out[names[0]] if isinstance(layers, str) else out
+
+
+@dataclass
+class Captured:
+    """One forward pass with gates on named layers and one backward per target down to
+    the lowest of them: `grads[t][step]` the gradients at each gate's value (and shadow)."""
+
+    sites: dict[str, Site]
+    gates: dict[int, SiteGate]
+    grads: list[dict[int, list[Tensor | None]]]
+    explained: Tensor  # (B, T)
+    target: Tensor  # (B, T)
+    output: Tensor
+    multi: bool
+
+
+def capture(explainer: Explainer, inputs: tuple[Tensor, ...], target: Target,
+            names: Sequence[str], *, output_relevance: Tensor | None = None,
+            start: str = "value", forward_kwargs: dict[str, Any] | None = None,
+            position: int | None = None) -> Captured:
     keywords = dict(forward_kwargs or {})
     targets.check_start(start)
     with torch.inference_mode(False), torch.enable_grad():
         program = explainer._cache.get(inputs, keywords)
     sites = {k: resolve(program, k) for k in names}
+    program = unfused(program, [s.step for s in sites.values()])
     gates = {s.step: SiteGate(s) for s in sites.values()}
+    half = any(t.dtype in (torch.float16, torch.bfloat16) for t in inputs)
     with TRACE_LOCK.shared(), preserved(explainer.model), torch.inference_mode(False), \
             torch.enable_grad():
-        leaves = [t.detach().float().clone().requires_grad_(True)
-                  if t.dtype in (torch.float16, torch.bfloat16) else
-                  t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
-                  for t in inputs]
-        half = any(t.dtype in (torch.float16, torch.bfloat16) for t in inputs)
+        leaves = [t.detach().to(torch.float32 if half else t.dtype).clone().requires_grad_(True)
+                  if t.is_floating_point() else t for t in inputs]
         run = program.run(leaves, dtype=torch.float32 if half else None, keywords=keywords,
                           conditions=dict(gates))
         output = targets.logits(run.output)
-        B = inputs[0].shape[0]
-        flat = targets.flat(output, B)
+        flat = targets.flat(output, inputs[0].shape[0])
         position = targets.default_position(explainer.model, output, position)
         if position is not None and output_relevance is None:
             target = targets.at_position(target, output, position)
@@ -97,24 +126,20 @@ def relevance(explainer: Explainer, x: Tensor | tuple[Tensor, ...], target: Targ
         seeds = targets.seeds(flat, index, start, output_relevance)
         explained = (seeds * flat.detach()).sum(-1).T
         wanted = [t for g in gates.values() for t in g.outputs]
-        per_target: dict[int, list[Tensor]] = {step: [] for step in gates}
+        grads = []
         for k in range(seeds.shape[0]):
-            grads = torch.autograd.grad(flat, wanted, seeds[k], retain_graph=True,
-                                        allow_unused=True)
-            at = 0
+            got = torch.autograd.grad(flat, wanted, seeds[k], retain_graph=k < len(seeds) - 1,
+                                      allow_unused=True)
+            at, per = 0, {}
             for step, gate in gates.items():
                 n = len(gate.outputs)
-                per_target[step].append(_grouped(gate, list(grads[at:at + n]), concepts))
+                per[step] = [None if g is None else g.detach() for g in got[at:at + n]]
                 at += n
-    out = {}
-    for key, site in sites.items():
-        r = torch.stack(per_target[site.step], 1)
-        if not multi:
-            r = r[:, 0]
-        labels = _labels(gates[site.step], concepts)
-        out[key] = ConceptRelevance(key, r.detach(), (explained if multi else explained[:, 0]
-                                                      ).detach(), labels)
-    return out[names[0]] if isinstance(layers, str) else out
+            grads.append(per)
+    for gate in gates.values():  # keep the values, not the graph
+        gate.value = None if gate.value is None else gate.value.detach()
+        gate.wrapped = gate.wrapped_shadow = None
+    return Captured(sites, gates, grads, explained.detach(), index, output.detach(), multi)
 
 
 def _grouped(gate: SiteGate, c: list[Tensor | None], concepts: Any) -> Tensor:

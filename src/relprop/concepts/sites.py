@@ -10,7 +10,10 @@ input of that operation: the MLP neurons of a transformer block are the input of
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -156,3 +159,25 @@ def bypassed(program: Program, step: int) -> bool:
             if j != step and (steps[j].dynamic or steps[j].op == "output"):
                 todo.append(j)
     return False
+
+
+_UNFUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def unfused(program: Program, steps: Iterable[int]) -> Program:
+    """The program with the named steps computed on their own: a layer fused with the
+    activation after it (relprop.fused) computes the activation's output, so its value
+    would not be the layer's. Its fast path and those of its consumers are left out (the
+    results are the same; only these steps run unfused). Kept per program."""
+    fused = sorted(i for i in set(steps) if program.steps[i].fast is not None)
+    if not fused:
+        return program
+    cache = _UNFUSED.setdefault(program, {})
+    key = tuple(fused)
+    if key not in cache:
+        index = {s.node: i for i, s in enumerate(program.steps)}
+        clear = set(fused) | {index[u] for i in fused for u in program.steps[i].node.users}
+        new = [dataclasses.replace(s, fast=None) if i in clear else s
+               for i, s in enumerate(program.steps)]
+        cache[key] = Program(new, program.traced, program.composite)
+    return cache[key]
