@@ -21,6 +21,7 @@ from torch import Tensor
 from ..errors import RelpropError
 from ..ops import Kind, node_args, spec
 from ..program import Program
+from ..program.plan import _passthrough
 
 
 class ConceptError(RelpropError, ValueError):
@@ -167,8 +168,8 @@ _UNFUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def unfused(program: Program, steps: Iterable[int]) -> Program:
     """The program with the named steps computed on their own: a layer fused with the
     activation after it (relprop.fused) computes the activation's output, so its value
-    would not be the layer's. Its fast path and those of its consumers are left out (the
-    results are the same; only these steps run unfused). Kept per program."""
+    would not be the layer's. Its fast path and its activation's pass-through are left out
+    (the results are the same; only these steps run unfused). Kept per program."""
     fused = sorted(i for i in set(steps) if program.steps[i].fast is not None)
     if not fused:
         return program
@@ -176,7 +177,9 @@ def unfused(program: Program, steps: Iterable[int]) -> Program:
     key = tuple(fused)
     if key not in cache:
         index = {s.node: i for i, s in enumerate(program.steps)}
-        clear = set(fused) | {index[u] for i in fused for u in program.steps[i].node.users}
+        # the activation a layer (or a sum) was fused with passes its input through
+        clear = set(fused) | {index[u] for i in fused for u in program.steps[i].node.users
+                              if program.steps[index[u]].fast is _passthrough}
         new = [dataclasses.replace(s, fast=None) if i in clear else s
                for i, s in enumerate(program.steps)]
         cache[key] = Program(new, program.traced, program.composite)
