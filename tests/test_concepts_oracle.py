@@ -11,6 +11,7 @@ CondAttribution), as the Makefile does.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -140,3 +141,46 @@ def test_resnet_joint_conditions(exclude: bool) -> None:
     conditions = [{"layer3.0.conv2": [u], "layer2.0.conv1": [v]} for u in upper for v in lower]
     got = explainer(x, target=1, condition=conditions, exclude_parallel=exclude).relevance[0]
     assert_agree(got, crp_maps(model, x, 1, conditions, composite, exclude))
+
+
+@pytest.mark.slow
+def test_references_match_feature_visualization(tmp_path) -> None:
+    """zennit-crp's FeatureVisualization (RelMax and ActMax, relevance from the label's
+    logit, normalised per sample) picks the same reference samples as collect(...,
+    target="label", normalize=True), by sums and by maxima. (Its reference *heatmaps*
+    differ on purpose: zennit-crp starts them at the layer's activations, relprop at the
+    model's output; docs/concepts.md.)"""
+    from crp.concepts import ChannelConcept
+    from crp.visualization import FeatureVisualization
+    from torch.utils.data import TensorDataset
+
+    model = vgg_like()
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(20, 3, 16, 16, dtype=torch.float64, generator=g),
+                         torch.randint(0, 10, (20,), generator=g))
+    layers = ["2", "7"]
+    for target in ("sum", "max"):
+        fv = FeatureVisualization(FullHeatmap(model, no_param_grad=False), data,
+                                  {k: ChannelConcept() for k in layers}, max_target=target,
+                                  abs_norm=True, path=str(tmp_path / f"fv-{target}"))
+        fv.run(zc.EpsilonPlus(), 0, len(data), batch_size=8)
+        rc.collect(model, data, layers, tmp_path / f"relprop-{target}", "epsilon_plus", n=6,
+                   target="label", normalize=True, batch_size=8, shard_size=8,
+                   progress=False)
+        refs = rc.load(tmp_path / f"relprop-{target}")
+        suffix = "" if target == "sum" else "_max"
+        for kind, folder in (("relevance", "RelMax"), ("activation", "ActMax")):
+            for layer in layers:
+                stem = tmp_path / f"fv-{target}" / f"{folder}_{target}_normed" / layer
+                indices = torch.from_numpy(np.load(f"{stem}_data.npy"))
+                values = torch.from_numpy(np.load(f"{stem}_rel.npy"))
+                gap = values[:-1] - values[1:] > 1e-9  # ties (dead units: 0) order freely
+                distinct = (torch.cat([torch.ones_like(gap[:1]), gap]) &
+                            torch.cat([gap, torch.ones_like(gap[:1])]))[:6]
+                for c in range(refs.channels(layer)):
+                    top = refs.top(layer, c, by=kind + suffix)
+                    ours, theirs = top.indices[distinct[:, c]], indices[:6][distinct[:, c], c]
+                    assert ours.tolist() == theirs.long().tolist(), (kind, target, layer, c)
+                    torch.testing.assert_close(top.scores.double(), values[:6, c], rtol=1e-5,
+                                               atol=1e-7)
+                assert distinct.float().mean() > 0.5  # most places are compared
