@@ -224,3 +224,25 @@ def test_concept_relevance_top_and_shares() -> None:
     assert r.shares.sum(1).tolist() == pytest.approx(
         (r.relevance.sum(1) / r.explained).tolist())
     assert "share" in r.table(4)
+
+
+def test_attribution_graph() -> None:
+    """Each edge is the relevance a lower channel gets through the upper concept (and the
+    root): what record=True shows at the lower layer under that joint condition."""
+    explainer = relprop.Explainer(cnn(), "epsilon_plus")
+    x = X[:1]
+    root = rc.relevance(explainer, x, 3, "6").top(1)[0][0]
+    g = rc.graph(explainer, x, 3, layer="6", concept=root, lower=["2", "0"], width=[3, 2])
+    assert g.nodes[0].layer == "6" and len([n for n in g.nodes if n.layer == "2"]) == 3
+    level1 = explainer(x, target=3, condition={"6": [root]}, record=True).layers["_2"]
+    per_channel = level1[0, 0].sum((1, 2))
+    assert [e.target[1] for e in g.edges[:3]] == per_channel.argsort(descending=True)[:3].tolist()
+    for e in g.edges:
+        if e.source[0] == "6":
+            assert e.relevance == pytest.approx(float(per_channel[e.target[1]]), abs=1e-12)
+        else:
+            joint = explainer(x, target=3, condition=[{"6": root, "2": e.source[1]}],
+                              record=True).layers["_0"][0, 0].sum((1, 2))
+            assert e.relevance == pytest.approx(float(joint[e.target[1]]), abs=1e-12)
+            assert e.share == pytest.approx(e.relevance / float(per_channel[e.source[1]]))
+    assert "->" in g.to_dot() and g.to_svg().startswith("<svg")

@@ -5,6 +5,8 @@
 - `relevance(explainer, x, target, "features.28")`: relevance per channel at a layer, with
   the top concepts and their shares (relevance.py);
 - `heads(n)`, `directions(matrix)`: attention heads and user directions as concepts;
+- `graph(explainer, x, target, layer=, concept=, lower=, width=)`: the attribution graph
+  (graph.py);
 - `collect(model, dataset, layers, out)` and `load(out).top(layer, channel)`: reference
   samples per channel over a dataset (collect.py, references.py).
 
@@ -24,13 +26,15 @@ from .collect import MEASURES, CollectSummary, collect
 from .conditional import ConditionalExplanation
 from .conditional import explain as _explain
 from .conditions import Channels, ConceptSet, Directions, Heads, directions, heads
+from .graph import AttributionGraph, Edge, Node, graph
 from .references import References, Top, load, receptive_field
 from .relevance import ConceptRelevance, relevance
 from .sites import ConceptError
 
-__all__ = ["MEASURES", "Channels", "CollectSummary", "ConceptError", "ConceptRelevance",
-           "ConceptSet", "ConditionalExplanation", "Directions", "Heads", "References", "Top",
-           "collect", "directions", "explain", "heads", "load", "receptive_field", "relevance"]
+__all__ = ["MEASURES", "AttributionGraph", "Channels", "CollectSummary", "ConceptError",
+           "ConceptRelevance", "ConceptSet", "ConditionalExplanation", "Directions", "Edge",
+           "Heads", "Node", "References", "Top", "collect", "directions", "explain", "graph",
+           "heads", "load", "receptive_field", "relevance"]
 
 
 def explain(model: nn.Module | Explainer, x: Tensor | tuple[Tensor, ...], target: Target = None,
