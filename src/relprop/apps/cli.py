@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..analysis.cli import add_parser as add_analyze
 
     add_analyze(sub)
+    from ..concepts.cli import add_parsers as add_concepts
+
+    add_concepts(sub, _model_options)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -86,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             from ..analysis.cli import run as run_analyze
 
             run_analyze(args)
+        elif args.command in ("concepts", "collect-concepts"):
+            from ..concepts import cli as concepts_cli
+
+            (concepts_cli.run_atlas if args.command == "concepts" else
+             concepts_cli.run_collect)(args)
     except RelpropError as exc:
         print(f"relprop: error: {exc}", file=sys.stderr)
         return 2
