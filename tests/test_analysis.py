@@ -137,28 +137,33 @@ def test_clarc_removes_the_stamp(planted) -> None:
 
 
 def test_pcx_gives_the_stamped_eights_their_own_prototype(planted) -> None:
-    """PCX on channel relevance after the first block (record=True, summed over positions):
-    80 of the 8s, 64 of them stamped."""
+    """PCX over channel relevance after the first block (relprop.concepts), every 8; and the
+    concept the stamped 8s use more than the others is a channel that fires on the stamp."""
     from relprop.analysis.prototypes import concept_vectors, prototypes
 
-    data = planted["eights"]
-    stamped = torch.nonzero(data.marked).ravel()[:64]
-    clean = torch.nonzero(~data.marked).ravel()[:16]
-    rows = torch.cat([stamped, clean])
-    vectors = concept_vectors(planted["model"], data.x[rows], "features_2", 8,
-                              composite="epsilon_gamma_box", low=0.0, high=1.0)
-    assert vectors.shape == (80, 16)
-    p = prototypes(vectors, data.y[rows], rows).classes[8]
-    marked = data.marked[rows].numpy()
+    data, model = planted["eights"], planted["model"]
+    vectors = concept_vectors(model, data.x, "features.2", 8, composite="epsilon_gamma_box",
+                              low=0.0, high=1.0)
+    assert vectors.shape == (len(data), 16)
+    p = prototypes(vectors, data.y, torch.arange(len(data))).classes[8]
+    marked = data.marked.numpy()
     share = [marked[p.assignment == j].mean() for j in range(2)]
-    mark_proto = int(np.argmax(share))
-    assert share[mark_proto] >= 0.9 and min(share) <= 0.3, share
-    assert (p.assignment[marked] == mark_proto).mean() >= 0.9
-    # typical samples of the stamped prototype are stamped; usage names channels
-    assert data.marked[torch.as_tensor(p.typical[mark_proto][:10])].all()
-    use = p.usage(int(rows[0]))
+    stamp = int(np.argmax(share))
+    assert share[stamp] >= 0.9 and share[1 - stamp] <= 0.25, share
+    assert (p.assignment[marked] == stamp).mean() >= 0.9
+    assert data.marked[torch.as_tensor(p.typical[stamp][:10])].all()
+    assert not data.marked[torch.as_tensor(p.typical[1 - stamp][:5])].any()
+    use = p.usage(0)
     assert len(use["over"]) == 3 and set(use["over"]).isdisjoint(use["under"])
     assert len(p.outliers(5)) == 5
+    # the channel named by relevance fires on the stamp: among the 3 channels whose
+    # activation in the top-left corner (2x2 of 14x14) rises most with the stamp
+    v = vectors / vectors.sum(1, keepdim=True)  # shares of each sample's relevance
+    named = int((v[data.marked].mean(0) - v[~data.marked].mean(0)).argmax())
+    with torch.no_grad():
+        corner = model.features[:3](data.x)[:, :, :2, :2].amax((2, 3))
+    rise = corner[data.marked].mean(0) - corner[~data.marked].mean(0)
+    assert named in rise.argsort(descending=True)[:3].tolist()
 
 
 def test_virelay_project_loads_in_virelay(planted, sprayed) -> None:

@@ -44,7 +44,8 @@ def run(args: Namespace) -> None:
     result = spray(args.out_dir, classes=args.classes, by=args.by, settings=settings)
     plot = result.eigenvalue_plot(args.out_dir / "spray_eigenvalues.png")
     page = summary_page(result, args.out_dir / "analysis.html")
-    for c, a in result.classes.items():
+    # smallest second eigenvalue first: a group the kNN graph (almost) cuts off
+    for c, a in sorted(result.classes.items(), key=lambda item: item[1].eigenvalues[1]):
         sizes = "/".join(str(len(v)) for v in a.members(f"kmeans-{a.suggested_k}").values())
         print(f"class {c}: {len(a.indices)} samples, eigenvalues "
               f"{' '.join(f'{v:.3f}' for v in a.eigenvalues[:4])}; eigengap k="

@@ -33,7 +33,8 @@ def summary_page(result: SprayResult, path: str | Path, *, source: str | Path | 
               for c, a in result.classes.items()}
     maps = _cluster_maps(expl, result, chosen, thumbnails)
     overview = []
-    for c, a in result.classes.items():
+    ranked = sorted(result.classes.items(), key=lambda item: item[1].eigenvalues[1])
+    for c, a in ranked:
         sizes = ", ".join(str(len(v)) for v in a.members(chosen[c]).values())
         overview.append([str(c), len(a.indices), a.suggested_k, float(a.eigenvalues[1]),
                          float(a.eigenvalues[2]), chosen[c], sizes])
@@ -41,10 +42,11 @@ def summary_page(result: SprayResult, path: str | Path, *, source: str | Path | 
                  f"{result.settings.grid}x{result.settings.grid}, a {result.settings.n_neighbors}"
                  "-nearest-neighbour graph, k-means on the first k eigenvectors of its "
                  "normalised Laplacian. A small second eigenvalue and a gap after it mean two "
-                 "distinct strategies in one class.</p>" + table_html(
+                 "distinct strategies in one class; classes are listed by their second "
+                 "eigenvalue, smallest (most suspect) first.</p>" + table_html(
                      ["class", "samples", "eigengap k", "eigenvalue 2", "eigenvalue 3",
                       "clustering", "cluster sizes"], overview))]
-    for c, a in result.classes.items():
+    for c, a in ranked:
         body = [f'<img class="plot" src="{figure_data_uri(_spectrum(a))}" alt="spectrum">']
         if a.tsne is not None:
             body.append(f'<img class="plot" src="{figure_data_uri(_scatter(a, chosen[c]))}" '

@@ -1,10 +1,11 @@
 """Prototypical concept explanations (PCX, Dreyer et al. 2024): a Gaussian mixture per class
 over per-sample concept-relevance vectors of one layer.
 
-A concept here is a channel of the layer, its relevance the layer's relevance summed over
-positions (relprop.explain(..., record=True) records it at every node). This stands in for
-the concepts package of issue 20, which is not built yet. Each vector is divided by its summed
-|relevance|, so that prototypes compare how a decision is made, not how confident it is.
+A concept is a channel of the layer, its relevance the layer's relevance summed over
+positions: relprop.concepts.relevance (issue 20) computes it in one batched pass; without
+that package, relprop.explain(..., record=True) records it one sample at a time. Each vector
+keeps its positive part (what the decision used; counter-evidence is left out) divided by its
+sum, so that prototypes compare how a decision is made, not how confident it is.
 
 Per sample: its prototype, its log-likelihood under the mixture (low: an outlier, suspect),
 and the concepts it uses more or less than its prototype. Per prototype: its most typical
@@ -25,20 +26,29 @@ from ._deps import need
 
 
 def concept_vectors(model: nn.Module, x: Tensor, layer: str, target: Any = None, *,
-                    composite: str = "epsilon_plus", batch_size: int = 64,
+                    composite: str = "epsilon_plus", batch_size: int = 256,
                     **params: Any) -> Tensor:
-    """(N, C): the relevance at node `layer` (a name of Explanation.layers, e.g.
-    "features_5"), summed over positions per channel."""
+    """(N, C): the relevance at `layer` (a module path such as "features.2"), summed over
+    positions per channel, explaining `target` (a class, per-sample classes, or None: the
+    prediction) with `composite` and its parameters."""
     from ..explain import Explainer
 
     explainer = Explainer(model, composite, **params)
+    try:
+        from ..concepts import relevance
+    except ImportError:  # pragma: no cover - relprop.concepts ships with relprop
+        relevance = None
     parts = []
     for i in range(0, len(x), batch_size):
         t = target[i:i + batch_size] if isinstance(target, Tensor) and target.dim() else target
+        if relevance is not None:
+            parts.append(relevance(explainer, x[i:i + batch_size], t, layer).relevance.detach())
+            continue
         expl = explainer(x[i:i + batch_size], target=t, record=True)
-        if layer not in expl.layers:
-            raise RelpropError(f"no node {layer!r} recorded; nodes: {', '.join(expl.layers)}")
-        r = expl.layers[layer].detach()
+        node = layer.replace(".", "_")
+        if node not in expl.layers:
+            raise RelpropError(f"no node {node!r} recorded; nodes: {', '.join(expl.layers)}")
+        r = expl.layers[node].detach()
         parts.append(r.flatten(2).sum(2) if r.dim() > 2 else r)
     return torch.cat(parts)
 
@@ -98,8 +108,8 @@ def prototypes(vectors: Tensor | np.ndarray, labels: Tensor | np.ndarray,
     need("sklearn")
     from sklearn.mixture import GaussianMixture
 
-    v = np.asarray(vectors, dtype=np.float64).reshape(len(vectors), -1)
-    v = v / np.maximum(np.abs(v).sum(1, keepdims=True), 1e-12)
+    v = np.clip(np.asarray(vectors, dtype=np.float64).reshape(len(vectors), -1), 0.0, None)
+    v = v / np.maximum(v.sum(1, keepdims=True), 1e-12)
     y = np.asarray(labels).reshape(-1)
     idx = np.arange(len(v)) if indices is None else np.asarray(indices).reshape(-1)
     out: dict[int, ClassPrototypes] = {}
