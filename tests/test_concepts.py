@@ -246,3 +246,36 @@ def test_attribution_graph() -> None:
             assert e.relevance == pytest.approx(float(joint[e.target[1]]), abs=1e-12)
             assert e.share == pytest.approx(e.relevance / float(per_channel[e.source[1]]))
     assert "->" in g.to_dot() and g.to_svg().startswith("<svg")
+
+
+@pytest.mark.slow  # tracing the tiny LLaMA alone takes about 11 s of CPU
+def test_transformer_heads_and_mlp_neurons() -> None:
+    """A tiny LLaMA's attention heads (the head slices of o_proj's input) and MLP neurons
+    (down_proj's input) as concepts of a next-token prediction: beside the residual
+    stream, each concept's own maps add up to the token relevance less what passes the
+    skip, and exclude_parallel=False adds that skip share to every map; per-head relevance
+    sums the heads' features."""
+    from reference_attnlrp import tiny_llama
+
+    ids = torch.tensor([[3, 7, 11, 2, 9, 14, 5], [1, 2, 3, 4, 5, 6, 7]])
+    explainer = relprop.Explainer(tiny_llama(0, "sdpa"), "attnlrp")
+    full = explainer(ids, target=4).relevance
+    # LLaMA's RMSNorm computes in float32 (its gradient too): sums agree to float32's grain
+    grain = 1e-6 * float(full.abs().max())
+    for layer, concepts, k in (("model.layers.0.self_attn.o_proj:input", rc.heads(4), 4),
+                               ("model.layers.1.mlp.down_proj:input", "all", 64)):
+        own = rc.explain(explainer, ids, 4, condition={layer: concepts})
+        both = rc.explain(explainer, ids, 4, condition={layer: concepts},
+                          exclude_parallel=False)
+        skip = both.relevance - own.relevance
+        assert own.relevance.shape == (2, k, 7)
+        assert skip.abs().max() > 1e3 * grain
+        torch.testing.assert_close(skip, skip[:, :1].expand_as(skip), rtol=0, atol=grain)
+        torch.testing.assert_close(own.relevance.sum(1) + skip[:, 0], full, rtol=0,
+                                   atol=grain)
+    heads = rc.relevance(explainer, ids, 4, "model.layers.1.self_attn.o_proj:input",
+                         concepts=rc.heads(4))
+    neurons = rc.relevance(explainer, ids, 4, "model.layers.1.self_attn.o_proj:input")
+    torch.testing.assert_close(heads.relevance, neurons.relevance.unflatten(1, (4, 8)).sum(2),
+                               rtol=0, atol=1e-12)
+    assert heads.labels == [f"head {h}" for h in range(4)] and len(heads.top(2)) == 2
