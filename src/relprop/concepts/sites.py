@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import RelpropError
 from ..ops import Kind, node_args, spec
 from ..program import Program
-from ..program.plan import _passthrough
+from ..program.fusion import passthrough
 
 
 class ConceptError(RelpropError, ValueError):
@@ -179,7 +179,7 @@ def unfused(program: Program, steps: Iterable[int]) -> Program:
         index = {s.node: i for i, s in enumerate(program.steps)}
         # the activation a layer (or a sum) was fused with passes its input through
         clear = set(fused) | {index[u] for i in fused for u in program.steps[i].node.users
-                              if program.steps[index[u]].fast is _passthrough}
+                              if program.steps[index[u]].fast is passthrough}
         new = [dataclasses.replace(s, fast=None) if i in clear else s
                for i, s in enumerate(program.steps)]
         cache[key] = Program(new, program.traced, program.composite)

@@ -19,8 +19,30 @@ from ..rules import Tally
 _TALLIED = (Kind.LAYER, Kind.NORM, Kind.RECURRENT)  # steps whose rule books bias/stabilizer
 
 
+class Observer:
+    """The taps of a plain run: they let values pass and free what no step reads again.
+    `Recording` overrides them, so the interpreter's loop is the same for both."""
+
+    tap_shadow_edge: Callable[[int, int, Any], Any] | None = None
+
+    def tap_input(self, i: int, value: Any, shadow: Any) -> tuple[Any, Any]:
+        return value, shadow
+
+    def edge_tap(self, i: int, steps: Sequence[Any]) -> Callable[[int, Any], Any] | None:
+        return None
+
+    def with_tally(self, i: int, kind: Kind | None, kwargs: Any) -> Any:
+        return kwargs
+
+    def tap_output(self, i: int, value: Any, shadow: Any) -> tuple[Any, Any]:
+        return value, shadow
+
+    def frees(self, step: Any) -> tuple[int, ...]:
+        return step.frees
+
+
 @dataclass
-class Recording:
+class Recording(Observer):
     """Gradients captured during one backward pass (record=True)."""
 
     values: list[Any] = field(default_factory=list)
@@ -93,7 +115,10 @@ class Recording:
             shadow = Tap.apply(shadow, self.shadow_out, i)
         return value, shadow
 
-    def tap_shadow_edge(self, i: int, src: int, shadow: Any) -> Any:
+    def frees(self, step: Any) -> tuple[int, ...]:
+        return ()  # the ledger reads every value
+
+    def tap_shadow_edge(self, i: int, src: int, shadow: Any) -> Any:  # type: ignore[override]
         """The shadow of step src as step i reads it, its gradient recorded."""
         if isinstance(shadow, Tensor):
             key = (i, src, len(self.shadow_edges.setdefault(i, [])))

@@ -6,6 +6,7 @@ through the same loop with the taps of recording.py switched on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,9 @@ from ..ops import Kind, node_args, node_location
 from ..refs import map_refs
 from ..shadow import Shadowed, run_shadowed
 from ..trace import TracedModel, attribute
-from .plan import Step, plan
-from .recording import Recording, RunResult
+from .plan import plan
+from .recording import Observer, Recording, RunResult
+from .steps import Step
 
 
 def _resolve(value: Any, env: list[Any], tap: Callable[[int, Any], Any] | None) -> Any:
@@ -34,6 +36,9 @@ class Program:
 
     def __init__(self, steps: list[Step], traced: TracedModel, composite: Composite) -> None:
         self.steps = steps
+        # what a plain run executes: each step's fused form where it has one
+        self.fused = [dataclasses.replace(s, call=s.fast) if s.fast is not None else s
+                      for s in steps]
         self.traced = traced
         self.composite = composite
         # explained inputs, in order; keyword inputs fed as constants are not among them
@@ -82,14 +87,16 @@ class Program:
         a callable given that step's value and shadow, returning what its consumers read
         (relprop.concepts wraps them to mask or capture the gradient there).
         """
+        conditions = conditions or {}
         env: list[Any] = [None] * len(self.steps)
         shadows: list[Any] = [None] * len(self.steps)
-        rec = Recording(values=env) if record else None
+        rec = Recording(values=env) if record else Observer()
+        steps = self.steps if record else self.fused
         sinks: dict[int, Tensor] = {}
         sources: dict[int, list[Tensor]] = {}
         feed = iter(inputs)
         output = None
-        for i, step in enumerate(self.steps):
+        for i, step in enumerate(steps):
             if step.op == "placeholder" and step.name in self.traced.constants:
                 name = self.traced.constants[step.name]
                 value = (keywords or {}).get(name, self.traced.fixed.get(name))
@@ -107,13 +114,12 @@ class Program:
                 if step.shadow_out:
                     sinks[i] = torch.zeros_like(env[i], requires_grad=True)
                     shadows[i] = sinks[i]
-                if rec is not None:
-                    env[i], shadows[i] = rec.tap_input(i, env[i], shadows[i])
+                env[i], shadows[i] = rec.tap_input(i, env[i], shadows[i])
                 continue
             if step.op == "get_attr":
                 env[i] = self._attribute(str(step.node.target), dtype)
                 continue
-            tap = rec.edge_tap(i, self.steps) if rec is not None and step.dynamic else None
+            tap = rec.edge_tap(i, self.steps) if step.dynamic else None
             args = _resolve(step.args, env, tap)
             if dtype is not None and step.half_literal:
                 args = _as_dtype(args, dtype)
@@ -127,16 +133,13 @@ class Program:
             if dtype is not None and step.half_literal:
                 kwargs = _as_dtype(kwargs, dtype)
             try:
-                if rec is not None:
-                    kwargs = rec.with_tally(i, step.kind, kwargs)
+                kwargs = rec.with_tally(i, step.kind, kwargs)
                 if step.producer or step.shadow_out:
                     value, shadows[i] = run_shadowed(Shadowed(
                         i, step, args, kwargs, self.steps, env, shadows,
-                        self.composite.stabilizer,
-                        rec.tap_shadow_edge if rec is not None else None))
+                        self.composite.stabilizer, rec.tap_shadow_edge))
                 else:
-                    call = step.fast if (rec is None and step.fast is not None) else step.call
-                    value = call(*args, **kwargs)
+                    value = step.call(*args, **kwargs)
             except RelpropError:
                 raise
             except Exception as exc:
@@ -147,15 +150,15 @@ class Program:
             if step.kind is Kind.SOURCE:  # token embeddings: the explained leaf
                 value = value.detach().to(dtype or value.dtype).requires_grad_(True)
                 sources.setdefault(self.sources[i], []).append(value)
-            if rec is not None and step.dynamic:
+            if step.dynamic:
                 value, shadows[i] = rec.tap_output(i, value, shadows[i])
-            if conditions is not None and i in conditions:
+            if i in conditions:
                 value, shadows[i] = conditions[i](value, shadows[i])
             env[i] = value
-            if rec is None:
-                for j in step.frees:
-                    env[j] = shadows[j] = None
-        return RunResult(output, list(inputs), sinks, rec, self.placeholders, sources)
+            for j in rec.frees(step):
+                env[j] = shadows[j] = None
+        return RunResult(output, list(inputs), sinks, rec if record else None,
+                         self.placeholders, sources)
 
     def _attribute(self, target: str, dtype: torch.dtype | None) -> Any:
         """A parameter or buffer, detached; cast to `dtype` once per parameter version."""

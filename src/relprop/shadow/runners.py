@@ -68,9 +68,8 @@ class Shadowed:
         return map_refs(template, sub)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
-        step = self.step
-        call = step.fast if (self.tap is None and step.fast is not None) else step.call
-        return call(*args, **kwargs)
+        """The step's call (its fused form in a plain run: the program hands fused steps)."""
+        return self.step.call(*args, **kwargs)
 
 
 def _layer(s: Shadowed) -> tuple[Any, Any]:
