@@ -107,7 +107,7 @@ _ENTRIES: list[Op] = [
     _op("identity", G, functions=(identity,), aten=("detach", "lift_fresh_copy"), **_PURE),
     _op("detach_", G, methods=("detach_",), aten=(), **_MOVE),
     _op("cast", G, methods=("float", "double", "half", "to", "type_as"),
-        aten=("_to_copy", "to"), view=True, **_MOVE),
+        aten=("_to_copy", "to", "type_as"), view=True, **_MOVE),
     _op("cat", G, functions=(torch.cat, torch.concat, torch.concatenate), aten=("cat",),
         **_MOVE),
     _op("stack", G, functions=(torch.stack,), **_MOVE),
