@@ -277,3 +277,44 @@ def test_summary_page_shows_its_pictures_in_a_browser(planted, sprayed, tmp_path
     total = int(dom.split('data-images-total="')[1].split('"')[0])
     ok = int(dom.split('data-images-ok="')[1].split('"')[0])
     assert total == 1 + 2 * (1 + 3 * 2) and ok == total  # spectrum; means, inputs, heatmaps
+
+
+def test_analyze_virelay_from_image_files(tmp_path, capsys) -> None:
+    """An explain-dataset run over an ImageFolder: `relprop analyze --virelay` takes the
+    images from the manifest's paths; ViRelAy shows the very pixels and the class names."""
+    from PIL import Image
+    from torch import nn
+    from virelay.model import Workspace
+
+    from relprop.apps.cli import main
+    from relprop.apps.datasets import load_mnist
+    from relprop.dataset import ImageFiles
+
+    x, y = load_mnist("test")
+    for c in (3, 7):
+        folder = tmp_path / "images" / f"digit{c}"
+        folder.mkdir(parents=True)
+        for j, i in enumerate(torch.nonzero(y == c).ravel()[:8].tolist()):
+            grey = (x[i, 0].numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(grey).convert("RGB").save(folder / f"{j}.png")
+    data = ImageFiles(tmp_path / "images", size=None, normalize=False)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 28 * 28, 2)).eval()
+    out = tmp_path / "expl"
+    relprop.explain_dataset(model, data, out, "epsilon_plus", target="label", batch_size=8,
+                            shard_size=8, progress=False)
+    assert main(["analyze", str(out), "--no-tsne", "--ks", "2", "--virelay"]) == 0
+    project = out / "virelay" / "project.yaml"
+    assert f"python -m virelay {project}" in capsys.readouterr().err
+    workspace = Workspace()
+    workspace.add_project(str(project))
+    try:
+        loaded = workspace.get_project(workspace.get_project_names()[0])
+        assert [c.human_readable_name for c in loaded.get_analysis_categories("spectral")] == \
+            ["digit3", "digit7"]
+        sample = loaded.get_sample(9)  # the second folder's second image
+        png = np.asarray(Image.open(data.samples[9][0]).convert("RGB"))
+        np.testing.assert_array_equal(sample.data, png)
+        assert sample.labels[0].name == "digit7"
+    finally:
+        workspace.close()
