@@ -318,3 +318,14 @@ def test_analyze_virelay_from_image_files(tmp_path, capsys) -> None:
         assert sample.labels[0].name == "digit7"
     finally:
         workspace.close()
+
+
+def test_missing_analysis_extra_says_how_to_install(monkeypatch) -> None:
+    import sys
+
+    from relprop.analysis.spray import SpraySettings, spectral_embedding
+    from relprop.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "corelay", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'relprop\[analysis\]'"):
+        spectral_embedding(np.random.default_rng(0).random((20, 49)), SpraySettings())
