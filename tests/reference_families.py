@@ -62,3 +62,42 @@ def tiny_gemma3(seed: int = 0, attn_implementation: str = "eager", **overrides: 
 
     kw = {**SMALL, "head_dim": 8, "sliding_window": 4, **overrides}
     return _build(Gemma3ForCausalLM, Gemma3TextConfig(**kw), seed, attn_implementation)
+
+
+# --------------------------------------------------------------------------- encoder-decoders
+
+
+def tiny_t5(seed: int = 0, attn_implementation: str = "eager", **overrides: Any) -> Any:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    kw = dict(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+              relative_attention_num_buckets=8, relative_attention_max_distance=16,
+              use_cache=False, decoder_start_token_id=0, dropout_rate=0.0,
+              initializer_factor=1.0)
+    kw.update(overrides)
+    return _build(T5ForConditionalGeneration, T5Config(**kw), seed, attn_implementation)
+
+
+def tiny_whisper(seed: int = 0, attn_implementation: str = "eager", **overrides: Any) -> Any:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    kw = dict(vocab_size=50, num_mel_bins=8, encoder_layers=2, decoder_layers=2,
+              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+              decoder_ffn_dim=64, d_model=32, max_source_positions=8,
+              max_target_positions=16, use_cache=False, decoder_start_token_id=1,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return _build(WhisperForConditionalGeneration, WhisperConfig(**kw), seed,
+                  attn_implementation)
+
+
+# --------------------------------------------------------------------------- BLOOM
+
+
+def tiny_bloom(seed: int = 0, attn_implementation: str = "eager", **overrides: Any) -> Any:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    kw = dict(vocab_size=50, hidden_size=32, n_layer=2, n_head=4, use_cache=False,
+              initializer_range=0.2, hidden_dropout=0.0, attention_dropout=0.0)
+    kw.update(overrides)
+    return _build(BloomForCausalLM, BloomConfig(**kw), seed, attn_implementation)

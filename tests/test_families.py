@@ -35,7 +35,8 @@ def check_contract(model: torch.nn.Module, ids: torch.Tensor, target: Any,
     """Explain `target` with record=True and check the contract; returns the explanation.
 
     `padded`: a bool (B, T) of padded tokens; `logit`: a function of the model's output
-    giving the explained value per sample (default: the target at the last position)."""
+    giving the explained value per sample (default: the target at the last position);
+    `bias_free`: nothing is booked as bias either."""
     kw = dict(forward_kwargs or {})
     before = snapshot(model)
     with torch.no_grad():
@@ -55,14 +56,14 @@ def check_contract(model: torch.nn.Module, ids: torch.Tensor, target: Any,
     double = R.dtype == torch.float64
     torch.testing.assert_close(totals["leaked"], expl.explained - R.sum(-1), rtol=0,
                                atol=(1e-9 if double else 1e-5) * scale)
+    # casts to float32 inside a float64 model round (about 1e-8 of the relevance), and so
+    # does float32 itself; anything above that is a leak: only the attention softmax rule
+    # may leak beyond what biases and constant summands take
+    tol = (1e-6 if double else 1e-4) * scale
+    leaks = {e.node: e.op for e in expl.ledger if float(e.other.abs().max()) > tol}
+    assert leaks and all("attention" in op or "attention" in n for n, op in leaks.items()), \
+        leaks
     if bias_free:
-        # casts to float32 inside a float64 model round (about 1e-8 of the relevance),
-        # and so does float32 itself; anything above that is a leak, and only the
-        # attention softmax rule may leak
-        tol = (1e-6 if double else 1e-4) * scale
-        leaks = {e.node: e.op for e in expl.ledger if float(e.other.abs().max()) > tol}
-        assert leaks and all("attention" in op or "attention" in n
-                             for n, op in leaks.items()), leaks
         assert float(totals["bias"].abs().max()) == 0.0
     if padded is not None:
         assert torch.all(R[padded] == 0) and torch.all(R[~padded] != 0)
@@ -99,3 +100,107 @@ def test_gemma2_runs_unchanged() -> None:
     as Gemma 3's eager test."""
     check_contract(fam.tiny_gemma2(0, "eager").float(), IDS, 4, {"attention_mask": LEFT_PADDED},
                    padded=LEFT_PADDED == 0, bias_free=True)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class _Seq2Seq(torch.nn.Module):
+    """Returns an output object (Hugging Face's Seq2SeqLMOutput)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = torch.nn.Linear(4, 3), torch.nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        from transformers.modeling_outputs import Seq2SeqLMOutput
+
+        h = self.enc(x)
+        return Seq2SeqLMOutput(logits=self.dec(h), encoder_last_hidden_state=h)
+
+
+def test_an_output_object_is_explained_alike_by_fx_and_export() -> None:
+    """torch.export flattens a Seq2SeqLMOutput into (logits, encoder_last_hidden_state);
+    the traced program hands back the object's fields, as fx's does."""
+    from relprop.program import Program
+    from relprop.trace import trace_export, trace_fx
+
+    torch.manual_seed(0)
+    model = _Seq2Seq().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    composite = relprop.Explainer(model, "attnlrp").composite
+    runs = [Program.build(t, composite).run([x.clone().requires_grad_()]).output
+            for t in (trace_fx(model), trace_export(model, (x,)))]
+    for out in runs:
+        assert set(out.keys()) == {"logits", "encoder_last_hidden_state"}
+        torch.testing.assert_close(out["logits"], model(x).logits, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", pytest.param("eager", marks=pytest.mark.slow)])
+def test_t5_runs_unchanged(impl: str) -> None:
+    """The decoder's next-token logit explained over the encoder's tokens (the decoder's
+    tokens are constants: their embeddings are constant summands, booked as bias)."""
+    model = fam.tiny_t5(0, impl)
+    dec = torch.tensor([[0, 4, 5], [0, 6, 7]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+    check_contract(model, IDS, 4, {"attention_mask": mask, "decoder_input_ids": dec},
+                   padded=mask == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_whisper_runs_unchanged(impl: str) -> None:
+    """Audio features in, relevance per feature out."""
+    model = fam.tiny_whisper(0, impl)
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    dec = torch.tensor([[1, 4, 5], [1, 6, 7]])
+    before = snapshot(model)
+    expl = relprop.Explainer(model, "attnlrp", record=True)(
+        x, target=4, forward_kwargs={"decoder_input_ids": dec})
+    assert snapshot(model) == before
+    with torch.no_grad():
+        want = model(x, decoder_input_ids=dec).logits[:, -1, 4]
+    torch.testing.assert_close(expl.explained, want, rtol=0, atol=1e-10)
+    assert expl.relevance.shape == x.shape
+    torch.testing.assert_close(expl.ledger.totals()["leaked"],
+                               expl.explained - expl.relevance.sum((1, 2)), rtol=0,
+                               atol=1e-9 * float(want.abs().max()))
+
+
+# --------------------------------------------------------------------------- BLOOM (ALiBi)
+
+
+class _Baddbmm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("bias", torch.randn(3, 5, dtype=torch.float64))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.bias.baddbmm(a, b, beta=2.0, alpha=0.5)
+
+
+def test_baddbmm_splits_the_product_uniformly_and_the_bias_takes_its_share() -> None:
+    """beta * C + alpha * (A @ B): C a constant summand, A @ B the bilinear (uniform) rule:
+    with relevance = the output, R_A = alpha/2 * A * (1 @ B^T) entry by entry, and the
+    same for B; C keeps beta * C."""
+    torch.manual_seed(0)
+    model = _Baddbmm()
+    a = torch.randn(2, 3, 4, dtype=torch.float64)
+    b = torch.randn(2, 4, 5, dtype=torch.float64)
+    out = model(a, b)
+    expl = relprop.Explainer(model, "lrp0", stabilizer=0.0, record=True)(
+        (a, b), output_relevance=out.detach())
+    ra, rb = expl.relevance
+    torch.testing.assert_close(ra, 0.25 * a * b.sum(-1)[:, None, :], rtol=0, atol=1e-12)
+    torch.testing.assert_close(rb, 0.25 * b * a.sum(-2)[:, :, None], rtol=0, atol=1e-12)
+    torch.testing.assert_close(expl.ledger.totals()["bias"], 2.0 * model.bias.sum().expand(2),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_bloom_runs_unchanged() -> None:
+    """BLOOM builds its scores with alibi.baddbmm(q, k^T): ALiBi is a constant summand the
+    scores pass relevance through, as an attention mask (eager attention only; float32
+    as for Gemma: Hugging Face's eager masks add up to -inf for left padding in float64)."""
+    check_contract(fam.tiny_bloom(0).float(), IDS, 4, {"attention_mask": LEFT_PADDED},
+                   padded=LEFT_PADDED == 0)

@@ -81,6 +81,9 @@ _ENTRIES: list[Op] = [
     _op("batch_norm", Kind.BATCHNORM, functions=(F.batch_norm,)),
     _op("lstm_cell", Kind.RECURRENT), _op("gru_cell", Kind.RECURRENT),
     _op("addmm", None, functions=(torch.addmm,)),  # a linear layer when W is a parameter
+    # beta * input + alpha * (batch1 @ batch2) (BLOOM's ALiBi scores): decomposed into a
+    # sum with a constant summand and a product by relprop.passes.transformer
+    _op("baddbmm", None, functions=(torch.baddbmm,), methods=("baddbmm",)),
     # ReLU: its gradient is the identity rule
     _op("relu", G, functions=(F.relu, torch.relu, torch.relu_, F.relu_),
         methods=("relu", "relu_"), aten=("relu", "relu_"), zero_below=True, nonneg="always"),

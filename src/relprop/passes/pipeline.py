@@ -12,6 +12,7 @@ from .classify import classify_nodes, mark_dynamic
 from .functionalize import functionalize
 from .inplace import out_of_place
 from .masks import wrapped_attention_masks
+from .outputs import structured_output
 from .padding import normalize_padding
 from .transformer import (
     attention_weights,
@@ -19,6 +20,7 @@ from .transformer import (
     grouped_query,
     hold_statistics,
     linear_products,
+    scaled_products,
 )
 
 
@@ -33,10 +35,12 @@ def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
         functionalize(graph, root, leaves)
     else:
         collapse_leaf_modules(graph, model if model is not None else root, leaves or {})
+        structured_output(graph)
     wrapped_attention_masks(graph)
     out_of_place(graph)
     normalize_padding(graph)
     linear_products(graph, root)
+    scaled_products(graph)
     grouped_query(graph)
     hold_statistics(graph)
     dynamic = mark_dynamic(graph, constants, index_inputs)

@@ -3,6 +3,8 @@
 - `linear_products`: `x @ W` and `addmm(b, x, W)` with a parameter W (GPT-2's
   Conv1D) are linear layers: rewritten to F.linear(x, W.T, b), so the composite's
   rule applies to them like to any nn.Linear.
+- `scaled_products`: baddbmm (BLOOM's ALiBi scores) and addmm without a parameter
+  weight written out as a sum of a constant summand and a product.
 - `hold_statistics`: a normaliser (rsqrt / sqrt / norm / std / reciprocal) that
   only scales an activation (RMSNorm's x * rsqrt(mean(x^2) + eps), x / |x|) is held
   constant: it carries no relevance, so what computes it needs no rule.
@@ -52,6 +54,44 @@ def linear_products(graph: fx.Graph, root: nn.Module) -> None:
                                        "(as linear)"
         linear.meta["relprop_module_type"] = nn.Linear
         node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+
+
+def scaled_products(graph: fx.Graph) -> None:
+    """baddbmm(input, b1, b2, beta=, alpha=) = beta * input + alpha * (b1 @ b2), and an
+    addmm whose weight is not a parameter (left by `linear_products`), written out: the
+    product of two activations takes the bilinear rule, a constant `input` (BLOOM's ALiBi
+    bias) is a constant summand (before an attention softmax: a mask-like bias the scores
+    pass relevance through, as in `attention_weights`)."""
+    for node in list(graph.nodes):
+        if is_op(node, "baddbmm"):
+            matmul = torch.bmm
+        elif is_op(node, "addmm"):
+            matmul = torch.mm
+        else:
+            continue
+        names = ("input", "batch1", "batch2") if matmul is torch.bmm else ("input", "mat1",
+                                                                            "mat2")
+        a = dict(zip((*names, "beta", "alpha"), node.args, strict=False))
+        a.update(node.kwargs)
+        bias, beta, alpha = a[names[0]], a.get("beta", 1), a.get("alpha", 1)
+        made = []
+        with graph.inserting_before(node):
+            out = graph.call_function(matmul, (a[names[1]], a[names[2]]))
+            made.append(out)
+            if alpha != 1:
+                out = graph.call_function(torch.mul, (out, alpha))
+                made.append(out)
+            if beta != 0:  # (beta = 0 ignores the input, nan and inf included)
+                if beta != 1:
+                    bias = graph.call_function(torch.mul, (bias, beta))
+                    made.append(bias)
+                out = graph.call_function(torch.add, (bias, out))
+                made.append(out)
+        for new in made:
+            new.meta.update({k: v for k, v in node.meta.items()
+                             if k in ("nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(out)
         graph.erase_node(node)
 
 
