@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 import relprop
-from relprop.analysis.planted import (
+from relprop.apps.analyze.planted import (
     PlantedDigits,
     add_mark,
     mark_mask,
@@ -269,7 +269,7 @@ def test_virelay_opens_the_project_in_a_browser(planted, sprayed, tmp_path) -> N
 
 
 def test_summary_page_shows_its_pictures_in_a_browser(planted, sprayed, tmp_path) -> None:
-    from relprop.analysis import summary_page
+    from relprop.apps.analyze.page import summary_page
 
     page = summary_page(sprayed, tmp_path / "analysis.html", dataset=planted["eights"],
                         thumbnails=3)

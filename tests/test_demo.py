@@ -23,7 +23,8 @@ def test_demo_writes_a_heatmap_grid_and_a_report(tmp_path, capsys) -> None:
     png = tmp_path / "mnist_heatmaps.png"
     assert str(png.resolve()) in out and "test accuracy" in out
     report = (tmp_path / "report.html").read_text()
-    assert report.count("<img") == 3 * 6 + 3 * 2  # CNN grid and LSTM grid, all embedded
+    # CNN grid and LSTM grid, all embedded; step 5: a spectrum, a 2x7 cluster grid, 5x3 before/after
+    assert report.count("<img") == 3 * 6 + 3 * 2 + 1 + 2 * 7 + 5 * 3
     assert "AOPC" in report and "LSTM" in report
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[0] > 200 and img.shape[1] > 500

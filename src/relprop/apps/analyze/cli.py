@@ -8,7 +8,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-from ..errors import RelpropError
+from ...errors import RelpropError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: Namespace) -> None:
+    from ...analysis.spray import SpraySettings, spray
     from .page import summary_page
-    from .spray import SpraySettings, spray
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
@@ -52,7 +52,7 @@ def run(args: Namespace) -> None:
               f"{a.suggested_k} (clusters {sizes})")
     print(f"wrote {result.path}, {plot} and {page} in {result.seconds:.1f} s", file=sys.stderr)
     if args.virelay:
-        from .virelay_export import export_virelay
+        from ...analysis.virelay_export import export_virelay
 
         project = export_virelay(args.out_dir)
         print(f"wrote {project}; open it with: python -m virelay {project}", file=sys.stderr)

@@ -28,7 +28,7 @@ LAYER = "features"
 
 def planted_cnn() -> torch.nn.Module:
     """The small CNN trained on the planted digits (train_planted_cnn(), shipped)."""
-    from ..apps.zoo import MnistCNN
+    from ..zoo import MnistCNN
 
     model = MnistCNN()
     model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
@@ -57,13 +57,13 @@ def cheat_section(out: Path, retrain: bool = False) -> str | None:
         return None
     from sklearn.metrics import adjusted_rand_score
 
-    from ..apps.report import image_grid_html, table_html
-    from ..dataset import explain_dataset, load_explanations
-    from ..evaluate import baselines
-    from ..explain import Explainer
-    from ..visualize import heatmap, save_grid
-    from .clarc import clarc, region_share
-    from .spray import SpraySettings, analyse_class, eigenvalue_plot, pool_maps, spray
+    from ...analysis.clarc import clarc, region_share
+    from ...analysis.spray import SpraySettings, analyse_class, eigenvalue_plot, pool_maps, spray
+    from ...dataset import explain_dataset, load_explanations
+    from ...evaluate import baselines
+    from ...explain import Explainer
+    from ...visualize import heatmap, save_grid
+    from ..report import image_grid_html, table_html
 
     start = time.perf_counter()
     folder = Path(out) / "cheat"

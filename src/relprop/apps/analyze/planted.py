@@ -73,7 +73,7 @@ def planted_mnist(split: str = "train", cls: int = CLASS, marked_fraction: float
                   other_fraction: float = OTHER_FRACTION, seed: int = 0) -> PlantedDigits:
     """The shipped real digits (split 'train': 4,000, 'test': 1,000) with the mark planted on
     `marked_fraction` of class `cls` and `other_fraction` of the others (drawn with `seed`)."""
-    from ..apps.datasets import load_mnist
+    from ..datasets import load_mnist
 
     x, y = load_mnist(split)
     rng = np.random.default_rng(seed + (0 if split == "train" else 1))
@@ -89,7 +89,7 @@ def train_planted_cnn(data: PlantedDigits | None = None, epochs: int = 3, seed: 
     a few seconds on a CPU. Returned in eval mode."""
     from torch import nn
 
-    from ..apps.zoo import MnistCNN
+    from ..zoo import MnistCNN
 
     data = planted_mnist("train") if data is None else data
     torch.manual_seed(seed)

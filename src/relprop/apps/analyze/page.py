@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .spray import SprayResult
+from ...analysis.spray import SprayResult
 
 
 def summary_page(result: SprayResult, path: str | Path, *, source: str | Path | Any = None,
@@ -24,8 +24,8 @@ def summary_page(result: SprayResult, path: str | Path, *, source: str | Path | 
     analysis was made from); dataset: the explained Dataset, for input thumbnails;
     prototypes: a PrototypeResult; clustering: {class: clustering name} (default: k-means
     with the eigengap's k)."""
-    from ..apps.report import figure_data_uri, table_html, write_report
-    from ..dataset.reader import Explanations, load_explanations
+    from ...dataset.reader import Explanations, load_explanations
+    from ..report import figure_data_uri, table_html, write_report
 
     src = source if source is not None else result.source
     expl = src if isinstance(src, Explanations) else load_explanations(src)
@@ -85,8 +85,8 @@ def _cluster_maps(expl: Any, result: SprayResult, chosen: dict[int, str],
 
 
 def _clusters_html(c: int, a: Any, name: str, maps: dict[str, Any], dataset: Any) -> str:
-    from ..apps.report import png_data_uri
-    from ..visualize import heatmap
+    from ...visualize import heatmap
+    from ..report import png_data_uri
 
     rows = []
     for k, idx in a.members(name).items():
@@ -101,8 +101,8 @@ def _clusters_html(c: int, a: Any, name: str, maps: dict[str, Any], dataset: Any
 
 
 def _thumb_cell(i: int, rel: torch.Tensor, dataset: Any) -> str:
-    from ..apps.report import png_data_uri
-    from ..visualize import heatmap
+    from ...visualize import heatmap
+    from ..report import png_data_uri
 
     pics = []
     if dataset is not None:
@@ -116,7 +116,7 @@ def _thumb_cell(i: int, rel: torch.Tensor, dataset: Any) -> str:
 
 
 def _prototypes_html(p: Any, maps: dict[str, Any], dataset: Any) -> str:
-    from ..apps.report import table_html
+    from ..report import table_html
 
     rows = [[j, int((p.assignment == j).sum()), float(p.weights[j]),
              ", ".join(str(i) for i in p.typical[j][:6])] for j in range(len(p.weights))]
@@ -141,7 +141,7 @@ def _summed(rel: torch.Tensor) -> torch.Tensor:
 
 
 def _spectrum(a: Any):
-    from ..visualize import new_figure
+    from ...visualize import new_figure
 
     fig = new_figure(3.6, 2.6)
     ax = fig.add_subplot(1, 1, 1)
@@ -154,7 +154,7 @@ def _spectrum(a: Any):
 
 
 def _scatter(a: Any, name: str):
-    from ..visualize import new_figure
+    from ...visualize import new_figure
 
     fig = new_figure(3.6, 2.6)
     ax = fig.add_subplot(1, 1, 1)
