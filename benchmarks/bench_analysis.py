@@ -33,8 +33,8 @@ from torch import nn
 
 def explain_mnist(out: Path) -> float:
     import relprop
-    from relprop.analysis.cheat_demo import planted_cnn
-    from relprop.analysis.planted import PlantedDigits
+    from relprop.apps.analyze.cheat_demo import planted_cnn
+    from relprop.apps.analyze.planted import PlantedDigits
     from relprop.apps.datasets import load_mnist
 
     x, y = load_mnist("all")
