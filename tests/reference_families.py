@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 F64 = torch.float64
 
@@ -101,3 +102,280 @@ def tiny_bloom(seed: int = 0, attn_implementation: str = "eager", **overrides: A
               initializer_range=0.2, hidden_dropout=0.0, attention_dropout=0.0)
     kw.update(overrides)
     return _build(BloomForCausalLM, BloomConfig(**kw), seed, attn_implementation)
+
+
+# --------------------------------------------------------------------------- CLIP
+
+
+def tiny_clip(seed: int = 0, attn_implementation: str = "eager", **overrides: Any) -> Any:
+    """A CLIPModel: text tower (end-of-sequence token 3, padding 1) and vision tower
+    (16 x 16 pixels, 8 x 8 patches)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4)
+    text = dict(tower, vocab_size=50, max_position_embeddings=16, bos_token_id=0,
+                eos_token_id=3, pad_token_id=1)
+    vision = dict(tower, image_size=16, patch_size=8, num_channels=3)
+    kw = dict(text_config=text, vision_config=vision, projection_dim=16, **overrides)
+    return _build(CLIPModel, CLIPConfig(**kw), seed, attn_implementation)
+
+
+def _clip_encoder(sd: dict[str, Tensor], prefix: str, cfg: Any, h: Tensor,
+                  mask: Tensor | None, fp32: bool) -> tuple[Tensor, list[Any]]:
+    """CLIP's pre-LayerNorm encoder: h + attn(ln1(h)), then h + mlp(ln2(h)); quick GELU."""
+    ra = _ra()
+    H, e = cfg.num_attention_heads, cfg.layer_norm_eps
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"{prefix}.encoder.layers.{i}."
+        L = ra.Tape(h_in=h)
+        L.ln1 = ra.layernorm(h, sd[p + "layer_norm1.weight"], sd[p + "layer_norm1.bias"], e)
+        for nm in ("q", "k", "v"):
+            L[nm] = ra.linear(L.ln1, sd[p + f"self_attn.{nm}_proj.weight"],
+                              sd[p + f"self_attn.{nm}_proj.bias"])
+        L.att = ra.attn_forward(ra.heads(L.q, H), ra.heads(L.k, H), ra.heads(L.v, H),
+                                (cfg.hidden_size // H) ** -0.5, mask, fp32)
+        L.o_in = ra.merge(L.att.O)
+        L.o = ra.linear(L.o_in, sd[p + "self_attn.out_proj.weight"],
+                        sd[p + "self_attn.out_proj.bias"])
+        L.s1 = h + L.o
+        L.ln2 = ra.layernorm(L.s1, sd[p + "layer_norm2.weight"], sd[p + "layer_norm2.bias"], e)
+        L.f = ra.linear(L.ln2, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])
+        L.a = L.f * torch.sigmoid(1.702 * L.f)
+        L.mlp = ra.linear(L.a, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+        h = L.s2 = L.s1 + L.mlp
+        layers.append(L)
+    return h, layers
+
+
+def _clip_encoder_relevance(sd: dict[str, Tensor], prefix: str, cfg: Any, layers: list[Any],
+                            R: Tensor, epsilon: float, stabilizer: float) -> Tensor:
+    ra = _ra()
+    H, e = cfg.num_attention_heads, cfg.layer_norm_eps
+    for i in reversed(range(cfg.num_hidden_layers)):
+        p, L = f"{prefix}.encoder.layers.{i}.", layers[i]
+        R_s1, R_mlp = ra.rel_sum([L.s1, L.mlp], L.s2, R, stabilizer)
+        R_a = ra.rel_linear(L.a, sd[p + "mlp.fc2.weight"], L.mlp, R_mlp, epsilon)  # GELU: id
+        R_ln2 = ra.rel_linear(L.ln2, sd[p + "mlp.fc1.weight"], L.f, R_a, epsilon)
+        R_s1 = R_s1 + ra.rel_layernorm(L.s1, L.ln2, sd[p + "layer_norm2.weight"], R_ln2, e,
+                                       stabilizer)
+        R_h, R_o = ra.rel_sum([L.h_in, L.o], L.s1, R_s1, stabilizer)
+        R_oin = ra.rel_linear(L.o_in, sd[p + "self_attn.out_proj.weight"], L.o, R_o, epsilon)
+        R_q, R_k, R_v = ra.attn_backward(L.att, ra.heads(R_oin, H), stabilizer, "pass", None,
+                                         f"{i}.attn")
+        R_ln1 = sum(ra.rel_linear(L.ln1, sd[p + f"self_attn.{nm}_proj.weight"], L[nm],
+                                  ra.merge(Rx), epsilon)
+                    for nm, Rx in zip(("q", "k", "v"), (R_q, R_k, R_v), strict=True))
+        R = R_h + ra.rel_layernorm(L.h_in, L.ln1, sd[p + "layer_norm1.weight"], R_ln1, e,
+                                   stabilizer)
+    return R
+
+
+def clip_image_embeds(model: Any, pixels: Tensor) -> Tensor:
+    """The vision tower's L2-normalised projection (a constant when text is explained)."""
+    ra, cfg, sd = _ra(), model.config.vision_config, _sd(model)
+    fp32 = model.config._attn_implementation == "eager"
+    P = "vision_model"
+    patches = torch.nn.functional.conv2d(pixels, sd[f"{P}.embeddings.patch_embedding.weight"],
+                                         stride=cfg.patch_size).flatten(2).transpose(1, 2)
+    cls = sd[f"{P}.embeddings.class_embedding"].expand(pixels.shape[0], 1, -1)
+    h = torch.cat([cls, patches], 1) + sd[f"{P}.embeddings.position_embedding.weight"]
+    e = cfg.layer_norm_eps
+    h = ra.layernorm(h, sd[f"{P}.pre_layrnorm.weight"], sd[f"{P}.pre_layrnorm.bias"], e)
+    h, _ = _clip_encoder(sd, P, cfg, h, None, fp32)
+    pooled = ra.layernorm(h[:, 0], sd[f"{P}.post_layernorm.weight"],
+                          sd[f"{P}.post_layernorm.bias"], e)
+    embeds = ra.linear(pooled, sd["visual_projection.weight"])
+    return embeds / embeds.pow(2).sum(-1, keepdim=True).sqrt()
+
+
+def clip_text_forward(model: Any, ids: Tensor, pixels: Tensor,
+                      attention_mask: Tensor | None = None) -> Any:
+    """Every intermediate of the text tower up to logits_per_text (B_text, B_image)."""
+    ra, cfg, sd = _ra(), model.config.text_config, _sd(model)
+    fp32 = model.config._attn_implementation == "eager"
+    B, T = ids.shape
+    P = "text_model"
+    t = ra.Tape(ids=ids)
+    t.word = sd[f"{P}.embeddings.token_embedding.weight"][ids]
+    t.pos = sd[f"{P}.embeddings.position_embedding.weight"][:T].expand(B, T, -1)
+    t.emb = t.word + t.pos
+    blocked = ~torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    if attention_mask is not None:
+        blocked = blocked | ~attention_mask.bool()[:, None, None, :]
+    mask = torch.zeros(blocked.shape, dtype=F64).masked_fill(blocked, torch.finfo(F64).min)
+    t.h, t.layers = _clip_encoder(sd, P, cfg, t.emb, mask, fp32)
+    e = cfg.layer_norm_eps
+    t.final = ra.layernorm(t.h, sd[f"{P}.final_layer_norm.weight"],
+                           sd[f"{P}.final_layer_norm.bias"], e)
+    t.eos = (ids == cfg.eos_token_id).int().argmax(-1)  # the first end-of-sequence token
+    t.pooled = t.final[torch.arange(B), t.eos]
+    t.embeds = ra.linear(t.pooled, sd["text_projection.weight"])
+    t.norm = t.embeds.pow(2).sum(-1, keepdim=True).sqrt()
+    t.normed = t.embeds / t.norm
+    t.scale = sd["logit_scale"].exp()
+    t.image = clip_image_embeds(model, pixels)
+    t.logits = t.scale * (t.normed @ t.image.T)
+    return t
+
+
+def clip_text_relevance(model: Any, ids: Tensor, pixels: Tensor, image: int = 0,
+                        attention_mask: Tensor | None = None, epsilon: float = 1e-6,
+                        stabilizer: float = 1e-6) -> Tensor:
+    """Relevance (B, T, D) at the token embeddings of logits_per_text[:, image].
+
+    The similarity is linear in the normalised text embedding (the image side is a
+    constant); the norm is held constant, so the division passes relevance unchanged;
+    the pooled row's relevance goes back to the end-of-sequence token."""
+    ra, cfg, sd = _ra(), model.config.text_config, _sd(model)
+    t = clip_text_forward(model, ids, pixels, attention_mask)
+    B = ids.shape[0]
+    R = ra.start(t.logits, (torch.arange(B), image))
+    R_normed = t.normed * (ra.safe_div(R, t.logits) @ (t.scale * t.image))
+    R_embeds = R_normed  # / norm, the norm held constant
+    R_pooled = ra.rel_linear(t.pooled, sd["text_projection.weight"], t.embeds, R_embeds,
+                             epsilon)
+    R = torch.zeros_like(t.final)
+    R[torch.arange(B), t.eos] = R_pooled
+    P = "text_model"
+    R = ra.rel_layernorm(t.h, t.final, sd[f"{P}.final_layer_norm.weight"], R,
+                         cfg.layer_norm_eps, stabilizer)
+    R = _clip_encoder_relevance(sd, P, cfg, t.layers, R, epsilon, stabilizer)
+    return ra.rel_sum([t.word, t.pos], t.emb, R, stabilizer)[0]  # the position's share dropped
+
+
+def _ra() -> Any:
+    import reference_attnlrp
+
+    return reference_attnlrp
+
+
+def _sd(model: Any) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- Mixtral (MoE)
+
+
+def tiny_mixtral(seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any) -> Any:
+    """4 experts, 2 per token (transformers' default grouped_mm expert path)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    kw = {**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2,
+          "router_jitter_noise": 0.0, **overrides}
+    return _build(MixtralForCausalLM, MixtralConfig(**kw), seed, attn_implementation)
+
+
+def tiny_qwen3_moe(seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any) -> Any:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    kw = {**SMALL, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+          "moe_intermediate_size": 16, "norm_topk_prob": True, **overrides}
+    return _build(Qwen3MoeForCausalLM, Qwen3MoeConfig(**kw), seed, attn_implementation)
+
+
+def moe_forward(sd: dict[str, Tensor], p: str, x: Tensor, top_k: int) -> Any:
+    """Mixtral's sparse MoE block on x (B, T, D): a float32 softmax router, its top k
+    renormalised, each chosen expert down(silu(gate) * up) weighted and summed."""
+    ra = _ra()
+    B, T, D = x.shape
+    flat = x.reshape(-1, D)
+    probs = torch.softmax(ra.linear(flat, sd[p + "gate.weight"]).float(), -1)
+    w, idx = torch.topk(probs, top_k, -1)
+    w = w / w.sum(-1, keepdim=True)
+    m = ra.Tape(x=flat, idx=idx, w=w, experts=[])
+    for j in range(top_k):  # the j-th choice of every token
+        gate_up, down = sd[p + "experts.gate_up_proj"][idx[:, j]], \
+            sd[p + "experts.down_proj"][idx[:, j]]
+        e = ra.Tape(gate_up=gate_up, down=down)
+        e.gu = torch.einsum("nd,nod->no", flat, gate_up)
+        e.g, e.u = e.gu.chunk(2, -1)
+        e.a = ra.silu(e.g) * e.u
+        e.y = torch.einsum("ni,ndi->nd", e.a, down)
+        e.yw = e.y * w[:, j, None]
+        m.experts.append(e)
+    m.out = sum(e.yw for e in m.experts)
+    m.y = m.out.reshape(B, T, D)
+    return m
+
+
+def moe_relevance(m: Any, R: Tensor, stabilizer: float) -> Tensor:
+    """The routing weights held constant: each chosen expert's weighted output takes its
+    share of the sum, the weight passes it unchanged; experts: LRP-0 (attnlrp, epsilon
+    -> 0), the gate uniform, SiLU identity; each copy of a token sums back."""
+    ra = _ra()
+    B, T, D = R.shape
+    shares = ra.rel_sum([e.yw for e in m.experts], m.out, R.reshape(-1, D), stabilizer)
+    R_x = torch.zeros_like(m.x)
+    for e, R_yw in zip(m.experts, shares, strict=True):
+        R_a = e.a * torch.einsum("nd,ndi->ni", ra.safe_div(R_yw, e.y), e.down)
+        R_g, R_u = ra.rel_product(R_a)
+        R_gu = torch.cat([R_g, R_u], -1)
+        R_x = R_x + m.x * torch.einsum("no,nod->nd", ra.safe_div(R_gu, e.gu), e.gate_up)
+    return R_x.reshape(B, T, D)
+
+
+def mixtral_forward(model: Any, ids: Tensor) -> Any:
+    """LLaMA's decoder (tests/reference_attnlrp.py) with the MoE block as its MLP."""
+    ra, cfg, sd = _ra(), model.config, _sd(model)
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    B, T = ids.shape
+    cos, sin = ra.rope_tables(cfg, T)
+    mask = ra.causal_mask(T)
+    fp32 = model.config._attn_implementation == "eager"
+    h = sd["model.embed_tokens.weight"][ids]
+    tape = ra.Tape(ids=ids, emb=h, layers=[])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        L = ra.Tape(h_in=h)
+        L.n1 = ra.rms_norm(h, sd[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+        for nm in "qkv":
+            L[nm + "_lin"] = ra.linear(L.n1, sd[p + f"self_attn.{nm}_proj.weight"])
+        L.rq = ra.rope_forward(ra.heads(L.q_lin, H), cos, sin)
+        L.rk = ra.rope_forward(ra.heads(L.k_lin, KV), cos, sin)
+        v = ra.heads(L.v_lin, KV)
+        L.att = ra.attn_forward(L.rq.y, ra.repeat_kv(L.rk.y, H // KV),
+                                ra.repeat_kv(v, H // KV), hd ** -0.5, mask, fp32)
+        L.o_in = ra.merge(L.att.O)
+        L.o = ra.linear(L.o_in, sd[p + "self_attn.o_proj.weight"])
+        L.h_mid = h + L.o
+        L.n2 = ra.rms_norm(L.h_mid, sd[p + "post_attention_layernorm.weight"],
+                           cfg.rms_norm_eps)
+        L.moe = moe_forward(sd, p + "mlp.", L.n2, cfg.num_experts_per_tok)
+        h = L.h_out = L.h_mid + L.moe.y
+        tape.layers.append(L)
+    tape.nf = ra.rms_norm(h, sd["model.norm.weight"], cfg.rms_norm_eps)
+    tape.W_head = sd["lm_head.weight"]
+    tape.logits = ra.linear(tape.nf, tape.W_head)
+    return tape
+
+
+def mixtral_relevance(model: Any, ids: Tensor, position: int = -1, token: int = 0,
+                      epsilon: float = 0.0, stabilizer: float = 0.0) -> Tensor:
+    """Relevance (B, T, D) at the token embeddings of the logit of `token` at `position`."""
+    ra, cfg, sd = _ra(), model.config, _sd(model)
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    t = mixtral_forward(model, ids)
+    B = ids.shape[0]
+    R = ra.start(t.logits, (torch.arange(B), torch.full((B,), position % ids.shape[1]),
+                            torch.full((B,), token)))
+    R = ra.rel_linear(t.nf, t.W_head, t.logits, R, epsilon)  # RMSNorm: identity
+    for i in reversed(range(cfg.num_hidden_layers)):
+        p, L = f"model.layers.{i}.", t.layers[i]
+        R_mid, R_moe = ra.rel_sum([L.h_mid, L.moe.y], L.h_out, R, stabilizer)
+        R_mid = R_mid + moe_relevance(L.moe, R_moe, stabilizer)  # RMSNorm: identity
+        R_h, R_o = ra.rel_sum([L.h_in, L.o], L.h_mid, R_mid, stabilizer)
+        R_oin = ra.rel_linear(L.o_in, sd[p + "self_attn.o_proj.weight"], L.o, R_o, epsilon)
+        R_qr, R_kr, R_vr = ra.attn_backward(L.att, ra.heads(R_oin, H), stabilizer, "pass",
+                                            None, f"{i}.attn")
+        R_q = ra.merge(ra.rope_backward(L.rq, R_qr, stabilizer))
+        R_k = ra.merge(ra.rope_backward(L.rk, ra.unrepeat_relevance(R_kr, H // KV),
+                                        stabilizer))
+        R_v = ra.merge(ra.unrepeat_relevance(R_vr, H // KV))
+        R_n1 = sum(ra.rel_linear(L.n1, sd[p + f"self_attn.{nm}_proj.weight"], L[nm + "_lin"],
+                                 Rx, epsilon) for nm, Rx in zip("qkv", (R_q, R_k, R_v),
+                                                                strict=True))
+        R = R_h + R_n1  # RMSNorm: identity
+    return R

@@ -24,8 +24,9 @@ IDS = torch.tensor([[3, 7, 11, 2, 9, 14, 5], [1, 2, 3, 4, 5, 6, 7]])
 LEFT_PADDED = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])
 
 
-def _logits(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.logits
+def _logits(output: Any, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """What relprop explains of the model's output (CLIP's similarities per text)."""
+    return relprop.targets.logits(output, ids)
 
 
 def check_contract(model: torch.nn.Module, ids: torch.Tensor, target: Any,
@@ -45,7 +46,7 @@ def check_contract(model: torch.nn.Module, ids: torch.Tensor, target: Any,
                                                           forward_kwargs=kw)
     assert snapshot(model) == before  # the model runs unchanged and stays so
     exact = 1e-10 if _logits(want).dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(expl.output, _logits(want), rtol=0, atol=exact)
+    torch.testing.assert_close(expl.output, _logits(want, ids), rtol=0, atol=exact)
     value = logit(want) if logit is not None else _logits(want)[:, -1, target]
     # the explained logit is exactly the relevance the seed put at the output
     torch.testing.assert_close(expl.explained, value, rtol=0, atol=exact)

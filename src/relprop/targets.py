@@ -3,7 +3,8 @@
 Pure functions of the target the user gave and the model's output, kept apart from
 the Explainer so that every target form can be tested without a model:
 
-- `logits`: the tensor to explain (the output, or the `logits` of an output object);
+- `logits`: the tensor to explain (the output, or the `logits` of an output object,
+  CLIP's `logits_per_image`);
 - `at_position`: class targets of a sequence output (B, T, V) at one position;
 - `resolve`: any target form as (B, K) indices into the flattened output;
 - `seeds`: the starting gradient c at the output for each target (relevance = c * output);
@@ -30,18 +31,35 @@ Target = int | tuple[int, ...] | Sequence[int] | Sequence[Sequence[int]] | Tenso
 STARTS = ("value", "one", "softmax")
 
 
-def logits(output: Any) -> Tensor:
-    """The tensor to explain: the output itself, or the `logits` of an output object
-    (Hugging Face's ModelOutput, a dict with "logits")."""
+# the fields of an output object explained, first found first: a classifier's or language
+# model's logits; a contrastive image-text model's similarities (CLIP, SigLIP: one row per
+# image, one column per text; `logits_per_text` its transpose); a projection tower's
+# embeddings
+FIELDS = ("logits", "logits_per_image", "text_embeds", "image_embeds")
+
+
+def logits(output: Any, explained: Tensor | None = None) -> Tensor:
+    """The tensor to explain: the output itself, or the first of FIELDS an output object
+    holds (Hugging Face's ModelOutput, a dict: the same fields whichever tracer made the
+    program, relprop.passes.outputs).
+
+    A contrastive model's similarities are explained with one row per sample of the
+    explained input: `logits_per_text` (B_text, B_image) when it is token ids,
+    `logits_per_image` (B_image, B_text) otherwise (pixels, or `explained` not given)."""
     if isinstance(output, Tensor):
         return output
-    found = output.get("logits") if isinstance(output, dict) else getattr(output, "logits",
-                                                                             None)
-    if isinstance(found, Tensor):
-        return found
+    get = output.get if isinstance(output, dict) else lambda k: getattr(output, k, None)
+    if explained is not None and not explained.is_floating_point() and \
+            isinstance(get("logits_per_image"), Tensor) and \
+            isinstance(get("logits_per_text"), Tensor):
+        return get("logits_per_text")
+    for name in FIELDS:
+        found = get(name)
+        if isinstance(found, Tensor):
+            return found
     raise RelpropError(f"the model returned {type(output).__name__}, not a tensor (nor an "
-                       "object with a `logits` tensor); wrap it so that it returns the tensor "
-                       "to explain")
+                       f"object with a tensor among {', '.join(FIELDS)}); wrap it so that it "
+                       "returns the tensor to explain")
 
 
 def flat(output: Tensor, batch: int) -> Tensor:

@@ -54,6 +54,8 @@ class Op:
     template: bool = False  # a new tensor whose values depend on its input's shape only
     pool_dims: int = 0  # max pooling over this many spatial dims
     returns_indices: bool = False  # max pooling spelt with its argmax (ATen, export)
+    choice: bool = False  # a discrete result (indices, comparisons): no relevance, held
+    selects: bool = False  # (values, indices) of chosen entries: values a move, indices a choice
 
 
 def _op(name: str, kind: Kind | None, *, functions: tuple = (), methods: tuple = (),
@@ -125,9 +127,25 @@ _ENTRIES: list[Op] = [
     _op("narrow", G, functions=(torch.narrow,), methods=("narrow",), view=True, **_MOVE),
     _op("expand", G, methods=("expand", "expand_as"), view=True, **_MOVE),
     _op("repeat", G, methods=("repeat",), **_MOVE),
+    _op("repeat_interleave", G, functions=(torch.repeat_interleave,),
+        methods=("repeat_interleave",), **_MOVE),
     _op("flip", G, functions=(torch.flip,), methods=("flip",), **_MOVE),
     _op("roll", G, functions=(torch.roll,), **_MOVE),
     _op("pad", G, functions=(F.pad,), aten=("pad", "constant_pad_nd"), **_MOVE),
+    # gathers: relevance goes back to the gathered positions (CLIP's pooling at the
+    # end-of-sequence token, DeBERTa's relative positions); a copy's relevance sums back
+    _op("gather", G, functions=(torch.gather, torch.take_along_dim),
+        methods=("gather", "take_along_dim"), aten=("gather", "take_along_dim"), **_MOVE),
+    _op("index", G, aten=("index",), **_MOVE),  # x[idx] with index tensors (export)
+    _op("index_select", G, functions=(torch.index_select,), methods=("index_select",),
+        **_MOVE),
+    # where(mask, value, x): relevance moves with the kept entries; the filled ones hold none
+    _op("masked_fill", G, functions=(torch.masked_fill,), methods=("masked_fill",)),
+    # the k largest (smallest, sorted) entries and their positions: the values move as in
+    # max pooling, the positions are a constant choice (relprop.passes.routing); a router's
+    # choice over a softmax is held whole (its routing weights constant)
+    _op("topk", G, functions=(torch.topk,), methods=("topk",), selects=True, **_MOVE),
+    _op("sort", G, functions=(torch.sort,), methods=("sort",), selects=True, **_MOVE),
     *(_op(f"max_pool{d}d", G, functions=(getattr(F, f"max_pool{d}d"),), pool_dims=d, **_MOVE)
       for d in (1, 2, 3)),
     *(_op(f"max_pool{d}d_with_indices", G, pool_dims=d, returns_indices=True, **_MOVE)
@@ -173,6 +191,10 @@ _ENTRIES: list[Op] = [
         methods=("mul", "mul_", "__mul__"), product=True),
     _op("div", G, functions=(operator.truediv, torch.div, operator.itruediv),
         methods=("div", "div_", "__truediv__"), product=True, divides=True),
+    # x @ W[e] for each group of rows (a mixture of experts' experts, transformers'
+    # grouped_mm path): linear in x with a parameter weight, so its gradient is LRP-0
+    # (attnlrp's linear rule, epsilon -> 0); its row offsets are held choices
+    _op("grouped_mm", G, aten=("grouped_mm_fallback", "_grouped_mm"), product=True),
     _op("neg", G, functions=(operator.neg, torch.neg), methods=("neg",), product=True),
     _op("scaled_dot_product_attention", Kind.ATTENTION,
         functions=(F.scaled_dot_product_attention,)),
@@ -183,6 +205,18 @@ _ENTRIES: list[Op] = [
       for n in ("rsqrt", "sqrt", "reciprocal", "std")),
     _op("norm", None, functions=(torch.norm, torch.linalg.vector_norm), methods=("norm",),
         aten=("norm", "linalg_vector_norm"), statistic=True),
+    # x ** p: a normaliser with 0 < |p| <= 1 (CLIP's sqrt(sum(x^2)) as pow(s, 0.5);
+    # relprop.passes.transformer.hold_statistics checks p); no rule otherwise
+    _op("pow", None, functions=(torch.pow, operator.pow), methods=("pow", "__pow__"),
+        statistic=True),
+    # discrete results: positions, comparisons, counts; no relevance passes them (their
+    # gradient is 0), so they are held constant where they depend on the input
+    *(_op(n, None, functions=(getattr(torch, n),), methods=(n,), choice=True)
+      for n in ("argmax", "argmin", "argsort", "histc", "bucketize")),
+    _op("one_hot", None, functions=(F.one_hot,), choice=True),
+    _op("nonzero", None, functions=(torch.nonzero,), methods=("nonzero",), choice=True),
+    *(_op(n, None, functions=(getattr(operator, n), getattr(torch, n)),
+          methods=(n, f"__{n}__"), choice=True) for n in ("gt", "lt", "ge", "le", "eq", "ne")),
     # sizes, and new tensors that depend on an input's shape only
     _op("size", Kind.META, functions=(getattr, len),
         methods=("size", "dim", "numel", "__len__", "ndimension", "nelement", "stride"),

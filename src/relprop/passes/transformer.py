@@ -12,10 +12,10 @@
   treats as one operation (registered types such as Hugging Face's activations,
   or the user's `leaves`) is folded back into one node.
 - `attention_weights`: a softmax whose output is an operand of a product of two
-  activations is attention: AttnLRP's Taylor rule (its plain gradient) instead of
-  the identity rule, and the product knows which operand holds the weights (CP-LRP
-  holds them constant); a constant mask added to its scores passes relevance to
-  the scores as inside scaled_dot_product_attention.
+  activations is attention weights (Kind.SOFTMAX): the composite's attention rule
+  chooses its rule (AttnLRP: Taylor, the gradient), and the product knows which
+  operand holds the weights (CP-LRP holds them constant); a constant mask added to
+  its scores passes relevance to the scores as inside scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -109,16 +109,27 @@ def _is_parameter(node: Any, root: nn.Module, dims: int | None = None) -> bool:
 
 
 def hold_statistics(graph: fx.Graph) -> set[fx.Node]:
-    """Normalisers that only scale activations, marked to be held constant."""
-    held: set[fx.Node] = set()
+    """Normalisers that only scale activations, marked to be held constant; and the held
+    choices and routers of relprop.passes.routing, the selective scan's parameters of
+    relprop.passes.scan."""
+    from .routing import hold_choices, hold_routers
+    from .scan import hold_selection
+
+    held = hold_choices(graph) | hold_routers(graph) | hold_selection(graph)
     for node in graph.nodes:
         what = meaning(node)
-        if what is None or not what.statistic:
+        if what is None or not what.statistic or (what.name == "pow" and not _root(node)):
             continue
         if node.users and all(_scales(node, user) for user in node.users):
             node.meta["relprop_constant"] = "statistic"
             held.add(node)
     return held
+
+
+def _root(node: fx.Node) -> bool:
+    """x ** p with a number 0 < |p| <= 1 (a root or its reciprocal: a normaliser)."""
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+    return isinstance(p, int | float) and not isinstance(p, bool) and 0 < abs(p) <= 1
 
 
 def _scales(node: fx.Node, user: fx.Node) -> bool:
@@ -207,8 +218,8 @@ def attention_weights(graph: fx.Graph) -> None:
             softmax = _softmax_source(operand)
             if softmax is not None:
                 sm = spec(softmax)
-                sm.kind = Kind.GRADIENT  # AttnLRP's Taylor rule is the softmax's gradient
-                sm.label = f"{sm.label} (attention: Taylor rule)"
+                sm.kind = Kind.SOFTMAX  # its rule is the composite's (AttentionRule.softmax)
+                sm.label = f"{sm.label} (attention weights)"
                 s.weights = position
                 _mask_passes(softmax)
 
