@@ -379,3 +379,128 @@ def mixtral_relevance(model: Any, ids: Tensor, position: int = -1, token: int = 
                                                                 strict=True))
         R = R_h + R_n1  # RMSNorm: identity
     return R
+
+
+# --------------------------------------------------------------------------- Mamba (MambaLRP)
+
+
+def tiny_mamba(seed: int = 0, **overrides: Any) -> Any:
+    """Mamba's pure-PyTorch path (no CUDA kernels): the sequential selective scan."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    kw = dict(vocab_size=50, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
+              conv_kernel=3, time_step_rank=4, use_cache=False, use_mambapy=False)
+    kw.update(overrides)
+    return _build(MambaForCausalLM, MambaConfig(**kw), seed, None)
+
+
+def mamba_forward(model: Any, ids: Tensor) -> Any:
+    """Every intermediate, with the model's float32 casts (RMSNorm, B and u in the scan,
+    the residual when `residual_in_fp32`)."""
+    ra, cfg, sd = _ra(), model.config, _sd(model)
+    B, T = ids.shape
+    h = sd["backbone.embeddings.weight"][ids]
+    tape = ra.Tape(ids=ids, emb=h, layers=[])
+    for i in range(cfg.num_hidden_layers):
+        p = f"backbone.layers.{i}."
+        m = p + "mixer."
+        L = ra.Tape(h_in=h)
+        L.n = ra.rms_norm(h, sd[p + "norm.weight"], cfg.layer_norm_epsilon)
+        L.proj = ra.linear(L.n, sd[m + "in_proj.weight"]).transpose(1, 2)  # (B, 2I, T)
+        L.xs, L.z = L.proj.chunk(2, 1)
+        w = sd[m + "conv1d.weight"]  # (I, 1, K)
+        L.conv = torch.nn.functional.conv1d(L.xs, w, sd[m + "conv1d.bias"],
+                                            padding=w.shape[-1] - 1, groups=w.shape[0])[..., :T]
+        L.u = ra.silu(L.conv)  # (B, I, T)
+        dt, Bs, Cs = ra.linear(L.u.transpose(1, 2), sd[m + "x_proj.weight"]).split(
+            [cfg.time_step_rank, cfg.state_size, cfg.state_size], -1)
+        delta = torch.nn.functional.softplus(sd[m + "dt_proj.weight"] @ dt.transpose(1, 2)
+                                             + sd[m + "dt_proj.bias"].float()[:, None])  # (B, I, T)
+        A = -torch.exp(sd[m + "A_log"].float())  # (I, N)
+        L.dA = torch.exp(A[None, :, None, :] * delta[..., None])  # (B, I, T, N), held
+        L.dB = delta[..., None] * Bs[:, None].float()  # held
+        L.dBu = L.dB * L.u[..., None].float()
+        L.C = Cs  # (B, T, N), held
+        state = torch.zeros(B, L.u.shape[1], cfg.state_size, dtype=F64)
+        L.prev, L.decayed, L.states, ys = [], [], [], []
+        for t in range(T):
+            L.prev.append(state)
+            L.decayed.append(L.dA[:, :, t] * state)
+            state = L.decayed[-1] + L.dBu[:, :, t]
+            L.states.append(state)
+            ys.append((state @ L.C[:, t, :, None])[..., 0])
+        L.scan = torch.stack(ys, -1)  # (B, I, T)
+        L.uD = L.u * sd[m + "D"].float()[None, :, None]
+        L.s = L.scan + L.uD
+        L.y = L.s * ra.silu(L.z)
+        L.out = ra.linear(L.y.transpose(1, 2), sd[m + "out_proj.weight"])
+        L.res = h.float() if cfg.residual_in_fp32 else h
+        h = L.h_out = L.res + L.out
+        tape.layers.append(L)
+    tape.nf = ra.rms_norm(h, sd["backbone.norm_f.weight"], cfg.layer_norm_epsilon)
+    tape.W_head = sd["lm_head.weight"]
+    tape.logits = ra.linear(tape.nf, tape.W_head)
+    return tape
+
+
+def mamba_relevance(model: Any, ids: Tensor, position: int = -1, token: int = 0,
+                    epsilon: float = 0.0, stabilizer: float = 0.0) -> Tensor:
+    """MambaLRP: Delta, A, B, C held (the scan linear in u: each state a proportional sum
+    of the decayed previous state and the new input, read out by C); the gate
+    (scan + u D) * silu(z) uniform, SiLU and RMSNorm identity, the causal conv1d and the
+    projections linear (epsilon, bias absorbed)."""
+    ra, cfg, sd = _ra(), model.config, _sd(model)
+    t = mamba_forward(model, ids)
+    B, T = ids.shape
+    R = ra.start(t.logits, (torch.arange(B), torch.full((B,), position % T),
+                            torch.full((B,), token)))
+    R = ra.rel_linear(t.nf, t.W_head, t.logits, R, epsilon)  # RMSNorm: identity
+    for i in reversed(range(cfg.num_hidden_layers)):
+        p, L = f"backbone.layers.{i}.", t.layers[i]
+        m = p + "mixer."
+        R_h, R_out = ra.rel_sum([L.res, L.out], L.h_out, R, stabilizer)
+        R_y = ra.rel_linear(L.y.transpose(1, 2), sd[m + "out_proj.weight"], L.out, R_out,
+                            epsilon).transpose(1, 2)
+        R_s, R_z = ra.rel_product(R_y)  # silu(z): identity
+        R_scan, R_u = ra.rel_sum([L.scan, L.uD], L.s, R_s, stabilizer)  # D: a constant scale
+        R_state = torch.zeros_like(L.states[0])
+        R_dBu = torch.zeros_like(L.dBu)
+        for step in reversed(range(T)):
+            st = L.states[step]
+            R_state = R_state + st * L.C[:, step, None, :] * ra.safe_div(
+                R_scan[..., step], L.scan[..., step])[..., None]  # C held
+            R_prev, R_new = ra.rel_sum([L.decayed[step], L.dBu[:, :, step]], st, R_state,
+                                       stabilizer)
+            R_dBu[:, :, step] = R_new
+            R_state = R_prev  # the held decay passes it on
+        R_u = R_u + R_dBu.sum(-1)  # dB held; the copies over the state dimension sum back
+        # silu: identity; the causal depthwise conv1d: epsilon rule, bias absorbed
+        w = sd[m + "conv1d.weight"]
+        K = w.shape[-1]
+        c = R_u / ra.stab(L.conv, epsilon) if epsilon else ra.safe_div(R_u, L.conv)
+        padded = torch.nn.functional.pad(c, (0, K - 1))
+        # out[t] = sum_k w[k] xs[t + k - (K - 1)]: xs[s] reaches out[s + K - 1 - k]
+        back = sum(w[None, :, 0, k, None] * padded[..., K - 1 - k:K - 1 - k + T]
+                   for k in range(K))
+        R_xs = L.xs * back
+        R_proj = torch.cat([R_xs, R_z], 1).transpose(1, 2)
+        R_n = ra.rel_linear(L.n, sd[m + "in_proj.weight"], L.proj.transpose(1, 2), R_proj,
+                            epsilon)
+        R = R_h + R_n  # RMSNorm: identity
+    return R
+
+
+# --------------------------------------------------------------------------- SigLIP
+
+
+def tiny_siglip(seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any) -> Any:
+    """A SiglipModel: text tower (last-token pooling) and vision tower (its attention
+    pooling head: nn.MultiheadAttention from a learned probe)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4)
+    kw = dict(text_config=dict(tower, vocab_size=50, max_position_embeddings=16),
+              vision_config=dict(tower, image_size=16, patch_size=8, num_channels=3),
+              **overrides)
+    return _build(SiglipModel, SiglipConfig(**kw), seed, attn_implementation)

@@ -58,26 +58,33 @@ def test_clip_runs_unchanged() -> None:
                    padded=MASK == 0, logit=lambda out: out.logits_per_text[:, 0])
 
 
-def test_clip_one_text_without_recording() -> None:
-    """Batch 1, not recorded: the one text's similarity to the one image."""
+def test_clip_texts_without_recording() -> None:
+    """A batch of texts, not recorded, against two images: each text's similarity to
+    image 1 (logits_per_text: one row per text), its relevance its own tokens'."""
     model = fam.tiny_clip(0, "sdpa")
-    kw = {"pixel_values": PIXELS}
+    pixels = torch.cat([PIXELS, PIXELS.flip(-1)])
+    kw = {"pixel_values": pixels, "attention_mask": MASK}
     got = relprop.Explainer(model, "attnlrp", epsilon=1e-6, stabilizer=0.0)(
-        IDS[1:], target=0, forward_kwargs=kw)
-    want = fam.clip_text_relevance(model, IDS[1:], PIXELS, image=0, stabilizer=0.0)
+        IDS, target=1, forward_kwargs=kw)
+    want = fam.clip_text_relevance(model, IDS, pixels, image=1, attention_mask=MASK,
+                                   stabilizer=0.0)
     assert _deviation(got.embeddings, want) < 1e-6
     with torch.no_grad():
-        torch.testing.assert_close(got.explained, model(IDS[1:], **kw).logits_per_text[:, 0],
+        torch.testing.assert_close(got.explained, model(IDS, **kw).logits_per_text[:, 1],
                                    rtol=0, atol=1e-12)
+    one = relprop.Explainer(model, "attnlrp", epsilon=1e-6, stabilizer=0.0)(
+        IDS[1:], target=1, forward_kwargs={"pixel_values": pixels})
+    torch.testing.assert_close(one.relevance[0], got.relevance[1], rtol=0, atol=1e-12)
 
 
 def test_contrastive_outputs_have_one_row_per_explained_sample() -> None:
-    """logits_per_text for token ids, logits_per_image for pixels (or by default)."""
+    """logits_per_text for token ids (and by default: a CLIPModel's first argument is
+    its input_ids), logits_per_image for pixels."""
     from transformers.models.clip.modeling_clip import CLIPOutput
 
     per_text = torch.randn(3, 2)
     out = CLIPOutput(logits_per_text=per_text, logits_per_image=per_text.T)
     assert targets.logits(out, IDS[:1]) is per_text
+    assert targets.logits(out) is per_text
     assert targets.logits(out, PIXELS) is out.logits_per_image
-    assert targets.logits(out) is out.logits_per_image
     assert targets.logits({"logits": per_text, "logits_per_image": per_text.T}) is per_text

@@ -4,7 +4,7 @@ Pure functions of the target the user gave and the model's output, kept apart fr
 the Explainer so that every target form can be tested without a model:
 
 - `logits`: the tensor to explain (the output, or the `logits` of an output object,
-  CLIP's `logits_per_image`);
+  CLIP's `logits_per_text` for its text, `logits_per_image` for its pixels);
 - `at_position`: class targets of a sequence output (B, T, V) at one position;
 - `resolve`: any target form as (B, K) indices into the flattened output;
 - `seeds`: the starting gradient c at the output for each target (relevance = c * output);
@@ -32,10 +32,9 @@ STARTS = ("value", "one", "softmax")
 
 
 # the fields of an output object explained, first found first: a classifier's or language
-# model's logits; a contrastive image-text model's similarities (CLIP, SigLIP: one row per
-# image, one column per text; `logits_per_text` its transpose); a projection tower's
-# embeddings
-FIELDS = ("logits", "logits_per_image", "text_embeds", "image_embeds")
+# model's logits; a contrastive image-text model's similarities (CLIP, SigLIP; see
+# `logits`); a projection tower's embeddings
+FIELDS = ("logits", "logits_per_text", "logits_per_image", "text_embeds", "image_embeds")
 
 
 def logits(output: Any, explained: Tensor | None = None) -> Tensor:
@@ -44,15 +43,15 @@ def logits(output: Any, explained: Tensor | None = None) -> Tensor:
     program, relprop.passes.outputs).
 
     A contrastive model's similarities are explained with one row per sample of the
-    explained input: `logits_per_text` (B_text, B_image) when it is token ids,
-    `logits_per_image` (B_image, B_text) otherwise (pixels, or `explained` not given)."""
+    explained input, so that each sample's relevance is its own: `logits_per_text`
+    (B_text, B_image) for token ids (a CLIPModel called with its first argument,
+    `input_ids`, and by default), `logits_per_image` (B_image, B_text) for pixels."""
     if isinstance(output, Tensor):
         return output
     get = output.get if isinstance(output, dict) else lambda k: getattr(output, k, None)
-    if explained is not None and not explained.is_floating_point() and \
-            isinstance(get("logits_per_image"), Tensor) and \
-            isinstance(get("logits_per_text"), Tensor):
-        return get("logits_per_text")
+    if explained is not None and explained.is_floating_point() and \
+            isinstance(get("logits_per_image"), Tensor):
+        return get("logits_per_image")
     for name in FIELDS:
         found = get(name)
         if isinstance(found, Tensor):

@@ -1,0 +1,49 @@
+"""Mamba explained unchanged as MambaLRP (issue 19), on its pure-PyTorch path (no CUDA
+kernels): the selective scan's input-dependent Delta, A, B and C held constant, so the
+scan is linear in its input; the gate (scan + u D) * silu(z) uniform; SiLU and RMSNorm
+identity; the causal conv1d a linear layer. Against the explicit reference
+(tests/reference_families.py) in float64, and the family contract.
+
+Hugging Face's Mamba returns its logits in float32 (`lm_head(h).float()`), and casts
+B, u and RMSNorm to float32 inside the float64 model: the comparisons allow that rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_families import IDS, LEFT_PADDED, check_contract
+
+import relprop
+
+fam = pytest.importorskip("reference_families")
+
+
+def _deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+def test_mamba_matches_reference(residual_in_fp32: bool) -> None:
+    """attnlrp's defaults (epsilon -> 0, sums unstabilised): within 1e-6 of max|R|, at
+    two positions."""
+    model = fam.tiny_mamba(0, residual_in_fp32=residual_in_fp32)
+    explainer = relprop.Explainer(model, "attnlrp")
+    for position in (6, 3):
+        got = explainer(IDS, target=(position, 4))
+        want = fam.mamba_relevance(model, IDS, position=position, token=4)
+        assert _deviation(got.embeddings, want) < 1e-6
+        torch.testing.assert_close(got.relevance, want.sum(-1), rtol=0,
+                                   atol=1e-6 * float(want.abs().max()))
+        assert torch.all(got.relevance[:, position + 1:] == 0)  # causal
+    with torch.no_grad():
+        hf = model(IDS).logits
+    reference = fam.mamba_forward(model, IDS).logits
+    torch.testing.assert_close(reference.float(), hf, rtol=0, atol=1e-6)
+
+
+def test_mamba_runs_unchanged() -> None:
+    """The contract, left-padded (the mixer's input masked): nothing leaks (no softmax),
+    the conv1d's bias takes its share, padded tokens 0."""
+    check_contract(fam.tiny_mamba(0), IDS, 4, {"attention_mask": LEFT_PADDED},
+                   padded=LEFT_PADDED == 0, softmax=False)
