@@ -504,3 +504,20 @@ def tiny_siglip(seed: int = 0, attn_implementation: str = "sdpa", **overrides: A
               vision_config=dict(tower, image_size=16, patch_size=8, num_channels=3),
               **overrides)
     return _build(SiglipModel, SiglipConfig(**kw), seed, attn_implementation)
+
+
+# --------------------------------------------------------------------------- DeBERTa-v2
+
+
+def tiny_deberta_v2(seed: int = 0, **overrides: Any) -> Any:
+    """Disentangled attention (content-to-position and position-to-content, relative
+    positions in 8 log buckets), a sequence classifier with 3 labels."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    kw = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64, relative_attention=True,
+              position_buckets=8, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+              initializer_range=0.2)
+    kw.update(overrides)
+    return _build(DebertaV2ForSequenceClassification, DebertaV2Config(**kw), seed, None)
