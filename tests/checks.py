@@ -33,3 +33,36 @@ def assert_ledger_accounts_for_biases(expl: relprop.Explanation) -> None:
     torch.testing.assert_close(totals["leaked"], leaked, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(totals["bias"] + totals["stabilizer"], leaked, rtol=1e-6,
                                atol=1e-9)
+
+
+# the presets whose fused fast path is compared with the general (recorded) path
+FUSED_CHECK = ("epsilon", "epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_plus_flat")
+
+
+def assert_bias_free_epsilon_conserves(model: nn.Module, x: torch.Tensor) -> None:
+    """On a bias-free network the stabilizer is the only leak, and the ledger books it.
+    x of scale 10 keeps pre-activations well above the 1e-6 stabilizer."""
+    expl = relprop.explain(model, x, composite="epsilon", record=True)
+    with torch.no_grad():
+        torch.testing.assert_close(expl.output, model(x))  # the model's own values
+    assert torch.isfinite(expl.relevance).all()
+    total = expl.relevance.sum((1, 2, 3))
+    stab = expl.ledger.totals()["stabilizer"]
+    torch.testing.assert_close(total + stab, expl.explained, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(total, expl.explained, rtol=1e-4, atol=0.0)
+
+
+def assert_every_composite_runs(model: nn.Module, x: torch.Tensor,
+                                composites: tuple[str, ...] = relprop.PRESETS) -> None:
+    """Every preset gives finite, non-zero maps of x's shape; where a fast path exists it
+    equals the general path."""
+    for composite in composites:
+        expl = relprop.explain(model, x, composite=composite, low=-4.0, high=4.0)
+        assert expl.relevance.shape == x.shape
+        assert torch.isfinite(expl.relevance).all(), composite
+        assert expl.relevance.abs().sum() > 0, composite
+        if composite in FUSED_CHECK:
+            general = relprop.explain(model, x, composite=composite, low=-4.0, high=4.0,
+                                      record=True)
+            torch.testing.assert_close(expl.relevance, general.relevance, rtol=1e-7,
+                                       atol=1e-12, msg=composite)

@@ -5,6 +5,8 @@ relevance. The zennit-crp oracle is in test_concepts_oracle.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -224,6 +226,11 @@ def test_concept_relevance_top_and_shares() -> None:
     assert r.shares.sum(1).tolist() == pytest.approx(
         (r.relevance.sum(1) / r.explained).tolist())
     assert "share" in r.table(4)
+    # the same from an explanation: its input and targets, at any layer
+    expl = explainer(X, target=[2, 7])
+    torch.testing.assert_close(expl.concepts("10").relevance, r.relevance, rtol=0, atol=0)
+    with pytest.raises(relprop.RelpropError, match="does not know its model"):
+        dataclasses.replace(expl, _source=None).concepts("10")
 
 
 def test_attribution_graph() -> None:

@@ -61,3 +61,19 @@ def test_collect_then_atlas_in_a_browser(tmp_path: Path, capsys) -> None:
     assert total == 20 and ok == total
     assert main(["concepts", str(image), *model, "--layer", "1.nope", "--out", str(out)]) == 2
     assert "no layer '1.nope'" in capsys.readouterr().err
+
+
+def test_demo_concepts_step(tmp_path: Path, capsys) -> None:
+    """The demo's step on the shipped CNN and real digits: the channels that carry the
+    prediction (positive shares, largest first) with the labels of their reference digits,
+    and the atlas page beside the report."""
+    from relprop.apps.concepts.demo import concepts_section
+
+    body = concepts_section(tmp_path, n=200, top=3)
+    line = capsys.readouterr().out
+    assert line.startswith("6. concepts: the ") and line.count("channel ") == 3
+    shares = [float(s.split("%")[0]) for s in line.split("(")[1:4]]
+    assert shares == sorted(shares, reverse=True) and shares[0] > 0
+    assert body.count("<tr>") == 1 + 3 and "concepts.html" in body
+    page = (tmp_path / "concepts.html").read_text()
+    assert page.count("<h2>Concept ") == 3 and page.count("<svg") == 3

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import HIGH, LOW, rules_for
 from reference_lrp import Layer, affine_from, conv_transpose_layer, propagate
 from torch import nn
 
 import relprop
 
-LOW, HIGH = -3.0, 3.0
 CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -81,27 +81,6 @@ def explicit_layers(model: nn.Sequential, in_shape: tuple[int, ...]) -> list[Lay
     return layers
 
 
-def rules_for(composite: str, bias: str, n: int) -> list[dict]:
-    """The reference's rule per weighted layer (n of them, the last one dense)."""
-    b = {"bias": bias}
-    eps = {"name": "epsilon", "epsilon": 1e-6, **b}
-    gam = {"name": "gamma", "gamma": 0.25, **b}
-    zp = {"name": "alpha_beta", "alpha": 1.0, "beta": 0.0, **b}
-    ab = {"name": "alpha_beta", "alpha": 2.0, "beta": 1.0, **b}
-    box = {"name": "zbox", "low": LOW, "high": HIGH}  # the bias cancels in z-box
-    flat = {"name": "flat"}  # no bias at all
-    uniform = {"lrp0": {"name": "lrp0", **b}, "epsilon": eps, "gamma": gam, "zplus": zp,
-               "alpha_beta": ab, "flat": flat, "wsquare": {"name": "wsquare", **b},
-               "zbox": box}
-    if composite in uniform:
-        return [uniform[composite]] * n
-    # mixed presets: the composite's conv rule must reach the transposed convolutions
-    conv = {"epsilon_gamma_box": gam, "epsilon_plus_flat": zp, "epsilon_alpha2_beta1": ab}
-    first = {"epsilon_gamma_box": box, "epsilon_plus_flat": flat}
-    c = conv[composite]
-    return [first.get(composite, c)] + [c] * (n - 2) + [eps]
-
-
 BIASED = ["lrp0", "epsilon", "gamma", "zplus", "alpha_beta", "wsquare"]  # rules with bias=
 MIXED = ["epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1"]
 def _cases() -> list:
@@ -117,7 +96,7 @@ def _cases() -> list:
 def reference(model: nn.Sequential, x: torch.Tensor, target: int, composite: str,
               bias: str) -> np.ndarray:
     layers = explicit_layers(model, tuple(x.shape[1:]))
-    rules = rules_for(composite, bias, sum(lay.kind == "affine" for lay in layers))
+    rules = rules_for(composite, sum(lay.kind == "affine" for lay in layers), bias=bias)
     return np.stack([propagate(lambda _: layers, xi.reshape(-1).numpy(), target, rules)
                      for xi in x]).reshape(x.shape)
 
@@ -244,7 +223,7 @@ def test_batchnorm_folds_into_the_transposed_conv(groups: int, composite: str) -
     layers = [conv_transpose_layer(model[0], (2, 3, 3), after=model[1]), Layer("relu"),
               conv_transpose_layer(model[3], (6, 6, 6), after=model[4]),
               Layer("affine", *affine_from(model[6], (2 * 7 * 7,)))]
-    rules = rules_for(composite, "absorb", 3)
+    rules = rules_for(composite, 3, bias="absorb")
     ref = np.stack([propagate(lambda _: layers, xi.reshape(-1).numpy(), 1, rules)
                     for xi in x]).reshape(x.shape)
     ex = relprop.Explainer(model, composite=composite)

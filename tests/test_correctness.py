@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import grad_x_input
 from models import (
     BottleneckSiLUNet,
     FunctionalCNN,
@@ -17,12 +18,6 @@ from models import (
 from torch import nn
 
 import relprop
-
-
-def grad_x_input(model, x, target):
-    x = x.clone().requires_grad_()
-    (g,) = torch.autograd.grad(model(x)[:, target].sum(), x)
-    return (g * x).detach()
 
 
 @pytest.mark.parametrize("factory", [ModuleCNN, FunctionalCNN])

@@ -26,6 +26,9 @@ def test_demo_writes_a_heatmap_grid_and_a_report(tmp_path, capsys) -> None:
     # CNN grid and LSTM grid, all embedded; step 5: a spectrum, a 2x7 cluster grid, 5x3 before/after
     assert report.count("<img") == 3 * 6 + 3 * 2 + 1 + 2 * 7 + 5 * 3
     assert "AOPC" in report and "LSTM" in report
+    # step 6: the concepts table links the atlas page written beside the report
+    assert "6. concepts: " in out and "href='concepts.html'" in report
+    assert (tmp_path / "concepts.html").read_text().count("<h2>Concept ") == 4
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[0] > 200 and img.shape[1] > 500
     # the heatmaps are coloured: red (positive) pixels are present

@@ -258,13 +258,6 @@ class Crop(nn.Module):
         return x[..., self.before:x.shape[-2] - self.after, self.before:x.shape[-1] - self.after]
 
 
-@pytest.fixture(scope="module")
-def quantus():
-    import quantus  # a test dependency (pip install quantus); its absence must fail the test
-
-    return quantus
-
-
 @pytest.mark.parametrize(("size", "patch", "order", "baseline"), [
     (12, 4, "morf", 0.3),
     (12, 4, "lerf", 0.3),

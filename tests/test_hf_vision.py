@@ -24,7 +24,11 @@ from typing import Any
 
 import pytest
 import torch
-from checks import assert_ledger_accounts_for_biases
+from checks import (
+    assert_bias_free_epsilon_conserves,
+    assert_every_composite_runs,
+    assert_ledger_accounts_for_biases,
+)
 from torch import nn
 from zoo import bias_free, with_random_biases
 
@@ -34,7 +38,6 @@ from relprop.trace import TracedModel
 
 transformers = pytest.importorskip("transformers")
 
-FUSED_CHECK = ("epsilon", "epsilon_gamma_box", "epsilon_alpha2_beta1")
 SIDE = 16
 
 
@@ -128,7 +131,7 @@ def _fresh(key: tuple[str, int], trace: Callable[[], TracedModel]) -> TracedMode
 
 @pytest.fixture(autouse=True, scope="module")
 def _traced_once() -> Iterator[None]:
-    module = sys.modules["relprop.explain"]
+    module = sys.modules["relprop.program.cache"]
     fx_trace, export_trace = module.trace_fx, module.trace_export
 
     def trace_fx(model: nn.Module, *args: Any, **kwargs: Any) -> TracedModel:
@@ -148,16 +151,8 @@ def _traced_once() -> Iterator[None]:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_bias_free_epsilon_conserves(name: str) -> None:
-    model = model_with(name, bias_free)
     x = 10 * torch.randn(2, 3, SIDE, SIDE, dtype=torch.float64)
-    expl = relprop.explain(model, x, composite="epsilon", record=True)
-    with torch.no_grad():
-        torch.testing.assert_close(expl.output, model(x))  # the model's own values
-    assert torch.isfinite(expl.relevance).all()
-    total = expl.relevance.sum((1, 2, 3))
-    stab = expl.ledger.totals()["stabilizer"]
-    torch.testing.assert_close(total + stab, expl.explained, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(total, expl.explained, rtol=1e-4, atol=0.0)
+    assert_bias_free_epsilon_conserves(model_with(name, bias_free), x)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -170,18 +165,8 @@ def test_ledger_accounts_for_biases(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_composite_runs(name: str) -> None:
-    model = model_with(name)
     x = torch.randn(1, 3, SIDE, SIDE, dtype=torch.float64)
-    for composite in relprop.PRESETS:
-        expl = relprop.explain(model, x, composite=composite, low=-4.0, high=4.0)
-        assert expl.relevance.shape == x.shape
-        assert torch.isfinite(expl.relevance).all(), composite
-        assert expl.relevance.abs().sum() > 0, composite
-        if composite in FUSED_CHECK:  # the fused fast path equals the general path
-            general = relprop.explain(model, x, composite=composite, low=-4.0, high=4.0,
-                                      record=True)
-            torch.testing.assert_close(expl.relevance, general.relevance, rtol=1e-7,
-                                       atol=1e-12, msg=composite)
+    assert_every_composite_runs(model_with(name), x)
 
 
 # what stopped each model before: in-place add (ResNet's `hidden_state += residual`),

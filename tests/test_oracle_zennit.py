@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import HIGH, LOW
 from zennit import composites as zc
 from zennit.attribution import Gradient
 
 import relprop
-
-LOW, HIGH = -3.0, 3.0
 
 
 def zennit_composite(name: str, x: torch.Tensor, canonizers: list | None = None):

@@ -26,10 +26,10 @@ import random
 import pytest
 import torch
 from checks import snapshot
+from helpers import grad_x_input
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from strategies import ACTIVATIONS, PIECEWISE_LINEAR, ModelSpec, model_specs
-from torch import nn
 
 import relprop
 
@@ -95,13 +95,6 @@ def assert_conserved(expl, what: str) -> None:
     assert (err <= bound).all(), (
         f"{what}: not conserved: input relevance sums {total.tolist()}, explained "
         f"{expl.explained.tolist()} (|difference| {err.tolist()}); ledger totals {totals}")
-
-
-def grad_x_input(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    x = x.clone().requires_grad_()
-    out = model(x)
-    (g,) = torch.autograd.grad(out[torch.arange(x.shape[0]), target].sum(), x)
-    return (g * x).detach()
 
 
 def ledger_scale(expl) -> torch.Tensor:

@@ -15,13 +15,6 @@ from relprop.errors import CompositeError
 
 
 @pytest.fixture(scope="module")
-def quantus():
-    import quantus  # a test dependency; its absence must fail the test
-
-    return quantus
-
-
-@pytest.fixture(scope="module")
 def digits() -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
     x, _ = load_mnist("test")
     model = mnist_cnn()

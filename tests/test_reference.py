@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import HIGH, LOW, rules_for
 from reference_lrp import REFERENCES, Layer, affine_from, maxpool_layer, propagate
 from torch import nn
 
 import relprop
-
-LOW, HIGH = -3.0, 3.0
 
 
 def mlp(biases: bool = True) -> nn.Sequential:
@@ -65,24 +64,6 @@ def cnn_layers(model: SmallCNN):
         layers.append(Layer("affine", W, b))
         return layers
     return explicit
-
-
-def rules_for(name: str, n: int) -> list[dict]:
-    eps = {"name": "epsilon", "epsilon": 1e-6}
-    gam = {"name": "gamma", "gamma": 0.25}
-    zp = {"name": "alpha_beta", "alpha": 1.0, "beta": 0.0}
-    ab = {"name": "alpha_beta", "alpha": 2.0, "beta": 1.0}
-    box = {"name": "zbox", "low": LOW, "high": HIGH}
-    uniform = {"lrp0": {"name": "lrp0"}, "epsilon": eps, "gamma": gam, "zplus": zp,
-               "alpha_beta": ab, "flat": {"name": "flat"}, "wsquare": {"name": "wsquare"},
-               "zbox": box}
-    if name in uniform:
-        return [uniform[name]] * n
-    # mixed presets: conv layers are all but the last layer in both test models
-    conv = {"epsilon_gamma_box": gam, "epsilon_plus": zp, "epsilon_alpha2_beta1": ab,
-            "epsilon_plus_flat": zp}[name]
-    first = {"epsilon_gamma_box": box, "epsilon_plus_flat": {"name": "flat"}}.get(name, conv)
-    return [first] + [conv] * (n - 2) + [eps]
 
 
 MLP_COMPOSITES = ["lrp0", "epsilon", "gamma", "zplus", "alpha_beta", "flat", "wsquare", "zbox"]

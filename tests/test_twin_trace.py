@@ -143,7 +143,8 @@ def _assert_same(a, b, where: str) -> None:
     assert torch.allclose(a.explained, b.explained, rtol=0, atol=1e-12), where
 
 
-FAMILIES = {k.value for k in Kind} | {"gradient", "proportional", "identity"}
+FAMILIES = {k.value for k in Kind} | {"gradient", "proportional", "identity",
+                                      "attention softmax"}
 
 
 def _layer_entries(ledger) -> list:

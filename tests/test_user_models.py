@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import HIGH, LOW
 from reference_lrp import Node, affine_from, propagate_dag
 from torch import nn
 
 import relprop
-
-LOW, HIGH = -3.0, 3.0
 
 
 class UserCNN(nn.Module):
@@ -104,6 +103,7 @@ class WithCustomOps(nn.Module):
         return self.fc2(scaled_tanh(self.act(self.fc1(x))))
 
 
+@pytest.mark.usefixtures("registry")
 def test_unknown_function_and_module_raise_until_registered() -> None:
     model = WithCustomOps().double()
     with pytest.raises(relprop.UnsupportedOperationError, match="scaled_tanh"):
@@ -159,6 +159,7 @@ def test_leaf_submodule_with_a_chosen_family() -> None:
     assert calls == []
 
 
+@pytest.mark.usefixtures("registry")
 def test_bad_family_is_refused() -> None:
     with pytest.raises(relprop.CompositeError, match="rule family 'magic'"):
         relprop.register_function(scaled_tanh, "magic")
@@ -195,6 +196,7 @@ class WithWavy(nn.Module):
         return self.fc3(scaled_tanh(self.fc2(wavy(self.fc1(x)))))
 
 
+@pytest.mark.usefixtures("registry")
 @pytest.mark.parametrize("composite", ["epsilon", "gamma"])
 def test_fast_path_fuses_only_sign_preserving_activations(composite: str) -> None:
     relprop.register_function(wavy, "identity")

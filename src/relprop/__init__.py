@@ -13,7 +13,6 @@ from .errors import (
 )
 from .explain import Explainer, Explanation, explain
 from .ledger import Ledger, LedgerEntry
-from .recurrent import RecurrentRule
 from .registry import register_function, register_module
 from .rules import (
     CPLRP,
@@ -24,6 +23,7 @@ from .rules import (
     Epsilon,
     Flat,
     Gamma,
+    RecurrentRule,
     Rule,
     WSquare,
     ZBox,

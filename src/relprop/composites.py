@@ -14,6 +14,9 @@ Example of a custom composite::
         by_name={"classifier.3": Epsilon(0.1)},   # fnmatch patterns on module paths
     )
     relprop.Explainer(model, composite=composite)
+
+A rule's formulas are in its module of relprop.rules (rules/epsilon.py for Epsilon);
+rules/base.py states what a rule is given and answers, and runs it in autograd.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from .errors import CompositeError
-from .recurrent import RecurrentRule
 from .rules import (
     CPLRP,
     LRP0,
@@ -38,7 +40,9 @@ from .rules import (
     Epsilon,
     Flat,
     Gamma,
+    RecurrentRule,
     Rule,
+    RuleBase,
     WSquare,
     ZBox,
     ZPlus,
@@ -55,8 +59,8 @@ class LayerInfo:
     name: str  # graph node name
     path: str  # module path ("features.0"), the enclosing module for functional ops
     layer_type: type | None  # nn.Conv2d, nn.Linear, nn.BatchNorm2d, ...
-    kind: str  # "linear", "conv" or "affine"
-    position: int  # index among linear/conv layers in forward order (-1 for affine)
+    kind: str  # "linear", "conv", "affine" or "recurrent" (LSTM/GRU)
+    position: int  # index among linear/conv layers in forward order (-1 for the others)
     count: int  # number of linear/conv layers
 
 
@@ -65,16 +69,18 @@ class Composite:
     """Rule assignment by name pattern > position > type > default.
 
     `by_type` keys are module classes (matched with issubclass) or the kinds
-    "linear", "conv", "affine". `stabilizer` is the epsilon of the proportional
-    rule at sums, means and average pooling (0 = plain gradient). `attention`:
-    how relevance crosses attention and products of two activations (AttnLRP's
-    rules by default; CPLRP() holds the attention weights constant).
+    "linear", "conv", "affine", "recurrent". LSTM/GRU layers take a RecurrentRule
+    (`recurrent` unless a by_name or by_type entry gives one). `stabilizer` is the
+    epsilon of the proportional rule at sums, means and average pooling (0 = plain
+    gradient). `attention`: how relevance crosses attention and products of two
+    activations (AttnLRP's rules by default; CPLRP() holds the attention weights
+    constant).
     """
 
-    by_type: dict[type | str, Rule] = field(default_factory=dict)
+    by_type: dict[type | str, RuleBase] = field(default_factory=dict)
     first: Rule | None = None
     last: Rule | None = None
-    by_name: dict[str, Rule] = field(default_factory=dict)
+    by_name: dict[str, RuleBase] = field(default_factory=dict)
     default: Rule = field(default_factory=Epsilon)
     stabilizer: float = 1e-6
     top_k: float | None = None
@@ -111,34 +117,34 @@ class Composite:
                 lines.append(f"{key}: {_format_rule(value)}")
         return "\n".join(lines)
 
-    def rule_for_recurrent(self, layer: LayerInfo) -> RecurrentRule:
-        """LSTM/GRU: a RecurrentRule by name pattern or type, else the composite's."""
-        for pattern, rule in self.by_name.items():
-            if isinstance(rule, RecurrentRule) and (fnmatch.fnmatchcase(layer.path, pattern)
-                                                    or layer.name == pattern):
-                return rule
-        for key, rule in self.by_type.items():
-            if isinstance(rule, RecurrentRule) and isinstance(key, type) and \
-                    layer.layer_type is not None and issubclass(layer.layer_type, key):
-                return rule
-        return self.recurrent
+    def rule_for(self, layer: LayerInfo) -> RuleBase:
+        """The rule of one layer: by name pattern, position, module type, kind, default.
 
-    def rule_for(self, layer: LayerInfo) -> Rule:
+        An LSTM/GRU (kind "recurrent") gets a RecurrentRule, any other layer a rule
+        that is not one: entries of the other sort are passed over, and the default
+        is `recurrent` or `default` accordingly.
+        """
+        recurrent = layer.kind == "recurrent"
+
+        def fits(rule: RuleBase) -> bool:
+            return isinstance(rule, RecurrentRule) == recurrent
+
         for pattern, rule in self.by_name.items():
-            if fnmatch.fnmatchcase(layer.path, pattern) or layer.name == pattern:
+            if fits(rule) and (fnmatch.fnmatchcase(layer.path, pattern) or layer.name == pattern):
                 return rule
-        if layer.position == 0 and self.first is not None:
+        if layer.position == 0 and self.first is not None and fits(self.first):
             return self.first
-        if layer.position >= 0 and layer.position == layer.count - 1 and self.last is not None:
+        last = layer.position >= 0 and layer.position == layer.count - 1
+        if last and self.last is not None and fits(self.last):
             return self.last
         for key, rule in self.by_type.items():
-            if isinstance(key, type) and layer.layer_type is not None and issubclass(
-                    layer.layer_type, key):
+            if fits(rule) and isinstance(key, type) and layer.layer_type is not None and \
+                    issubclass(layer.layer_type, key):
                 return rule
         for key, rule in self.by_type.items():
-            if key == layer.kind:
+            if fits(rule) and key == layer.kind:
                 return rule
-        return self.default
+        return self.recurrent if recurrent else self.default
 
 
 def check_top_k(top_k: float | None) -> None:
@@ -150,7 +156,7 @@ def check_top_k(top_k: float | None) -> None:
 
 
 def _describe_value(value: Any) -> Any:
-    if isinstance(value, Rule | RecurrentRule | AttentionRule):
+    if isinstance(value, RuleBase | AttentionRule):
         out: dict[str, Any] = {"rule": type(value).__name__}
         for f in dataclasses.fields(value):
             out[f.name] = _describe_value(getattr(value, f.name))
@@ -338,7 +344,9 @@ class LayerPosition(Composite):
     gamma_rule: Rule = field(default_factory=Gamma)
     epsilon_rule: Rule = field(default_factory=Epsilon)
 
-    def rule_for(self, layer: LayerInfo) -> Rule:
+    def rule_for(self, layer: LayerInfo) -> RuleBase:
+        if layer.kind == "recurrent":
+            return super().rule_for(layer)
         if layer.position < 0:
             return self.epsilon_rule
         if layer.position == 0:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import targets
 from .composites import Composite, make_composite
-from .errors import InputError, NoLedgerError
+from .errors import InputError, NoLedgerError, RelpropError
 from .ledger import Ledger, build_ledger, per_sample
 from .program import Program, RunResult
 from .program.cache import Description, ProgramCache, describe
@@ -58,6 +58,22 @@ class Explanation:
     # token-id inputs: relevance per embedding dimension, (B, [K,] T, D) per input (None for
     # the others); `relevance` holds its sum over D, one value per token
     embeddings: Tensor | tuple[Tensor | None, ...] | None = None
+    # what made it (explainer, input, keywords), for concepts()
+    _source: tuple[Any, Any, dict[str, Any]] | None = field(default=None, repr=False,
+                                                             compare=False)
+
+    def concepts(self, layer: str, *, concepts: Any = None) -> Any:
+        """Relevance per concept (channel, neuron; `concepts`: relprop.concepts.heads(n) or
+        directions(matrix)) at `layer` for the same input and targets: a
+        relprop.concepts.ConceptRelevance, (B, C) summed over positions, with its top
+        concepts and their shares. Costs one more forward and backward pass."""
+        if self._source is None:
+            raise RelpropError("this explanation does not know its model: use "
+                               "relprop.concepts.relevance(explainer, x, target, layer)")
+        from .concepts.relevance import relevance
+
+        explainer, x, keywords = self._source
+        return relevance(explainer, x, layers=layer, concepts=concepts, **keywords)
 
     def plot(self, **kwargs: Any) -> Any:
         """The heatmap grid as a matplotlib Figure (needs `relprop[viz]`); keywords as
@@ -147,6 +163,19 @@ class Explainer:
         its own position, so [[(5, t1), (6, t2)]] explains two generated tokens.
         `condition`: one map per concept, {"features.28": [3, 7]} (relprop.concepts).
         """
+        expl = self._explain_any(x, target, output_relevance, start, record, batch_size,
+                                 progress, forward_kwargs, position, condition,
+                                 exclude_parallel)
+        expl._source = (self, x, {"target": target, "output_relevance": output_relevance,
+                                  "start": start, "forward_kwargs": forward_kwargs,
+                                  "position": position})
+        return expl
+
+    def _explain_any(self, x: Tensor | tuple[Tensor, ...], target: Target,
+                     output_relevance: Tensor | None, start: str, record: bool | None,
+                     batch_size: int | None, progress: bool,
+                     forward_kwargs: dict[str, Any] | None, position: int | None,
+                     condition: Any, exclude_parallel: bool) -> Explanation:
         record = self.record if record is None else record
         if condition is not None:
             from .concepts.conditional import explain as conditional

@@ -185,4 +185,5 @@ def build_ledger(program, run, batch: int, explained: Tensor,
 
 def _family(kind: Kind) -> str:
     return {Kind.GRADIENT: "gradient", Kind.PROPORTIONAL: "proportional",
-            Kind.ELEMENTWISE: "identity"}.get(kind, kind.value)
+            Kind.ELEMENTWISE: "identity", Kind.SOFTMAX: "attention softmax"}.get(
+        kind, kind.value)

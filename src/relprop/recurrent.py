@@ -1,35 +1,12 @@
-"""LRP for recurrent networks (LSTM, GRU), after Arras et al. (2017, 2019).
+"""Running LSTM and GRU layers with the recurrent rule (relprop.rules.recurrent).
 
 The recurrence is unrolled in the forward pass (the values are the module's
 own) and explained by one custom backward that walks the time steps in
-reverse, in relevance form:
-
-- h_t = o_t * tanh(c_t): the gate o takes nothing, tanh passes relevance on:
-  R(c_t) += R(h_t) ("signal-take-all").
-- c_t = f_t * c_(t-1) + i_t * g_t: a sum, split in proportion to the two
-  terms (epsilon rule on an identity map); within each product the gate
-  (f, i) takes nothing and the signal (c_(t-1), g_t) takes all.
-- g_t = tanh(W_ig x_t + W_hg h_(t-1) + b): tanh passes relevance on; the
-  pre-activation is one linear map of [x_t; h_(t-1)] and takes the epsilon
-  rule (Arras' default epsilon 0.001), which hands relevance to x_t and
-  h_(t-1).
-
-Bias handling (`bias=`): "absorb" (bias in the denominator, relevance it
-explains is lost), "ignore" (left out of the denominator), "distribute" with
-`bias_factor`: as in Arras' `lrp_linear`, each of the N inputs of a map (N =
-input size + hidden size for the gates, 2 x hidden size for the cell update)
-also receives bias_factor * (b_j + eps * sign(z_j)) / N of each output's
-share; bias_factor = 1 conserves relevance exactly.
-
-GRU (h_t = (1 - z_t) * n_t + z_t * h_(t-1), n_t = tanh(W_in x_t + b_in +
-r_t * (W_hn h_(t-1) + b_hn))): the update gate z interpolates between the
-candidate n_t and the previous state. relprop treats that interpolation like
-the LSTM's cell update: a sum of two gated signals, split in proportion to
-(1 - z) n_t and z h_(t-1), the gate z taking nothing, because z only decides
-how much of each signal passes, not what the signal is. The reset gate r
-scales the recurrent contribution: the candidate's pre-activation is a linear
-map of [x_t; h_(t-1)] with effective weights [W_in, diag(r) W_hn] and bias
-b_in + r * b_hn, explained with the epsilon rule, r itself taking nothing.
+reverse, in relevance form, asking the rule at each map of a step: the cell
+update's sum (`RecurrentRule.split`) and the candidate's linear map
+(`RecurrentRule.linear`). Whole nn.LSTM / nn.GRU modules (all layers and
+directions), nn.LSTMCell / nn.GRUCell, and export's aten.lstm_cell /
+aten.gru_cell run here.
 """
 
 from __future__ import annotations
@@ -40,81 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CompositeError, UnsupportedOperationError
-from .rules import BIAS_MODES, EPSILON_WHY, TINY, Tally, check_nonnegative, safe_divide
-
-
-@dataclass(frozen=True)
-class RecurrentRule:
-    """The rule for LSTM/GRU layers: epsilon and bias handling of Arras et al."""
-
-    epsilon: float = 1e-3
-    bias: str = "absorb"
-    bias_factor: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.bias not in BIAS_MODES:
-            raise CompositeError(f"bias={self.bias!r}: choose one of {', '.join(BIAS_MODES)}")
-        check_nonnegative("RecurrentRule", "epsilon", self.epsilon, EPSILON_WHY)
-        check_nonnegative("RecurrentRule", "bias_factor", self.bias_factor,
-                          "the share of bias and stabilizer relevance handed to the inputs")
-
-    def describe(self) -> str:
-        extra = f", bias_factor={self.bias_factor:g}" if self.bias == "distribute" else ""
-        return f"recurrent(eps={self.epsilon:g}, {self.bias}{extra})"
-
-
-def _sign(z: Tensor) -> Tensor:
-    return torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
-
-
-def lrp_linear(inp: Tensor, weight_t_s: Tensor, share: Tensor | None) -> Tensor:
-    """R_in_i = inp_i (W^T s)_i + bias_factor * sum_j (b_j + eps sign_j) s_j / N.
-
-    `weight_t_s` is W^T s with s = R / stab(z); `share` the distributed term (or None).
-    """
-    r = inp * weight_t_s
-    return r if share is None else r + share
-
-
-def _denominator(z: Tensor, bias: Tensor | None, rule: RecurrentRule) -> tuple[Tensor, Tensor]:
-    zz = z - bias if (bias is not None and rule.bias == "ignore") else z
-    sign = _sign(zz)
-    return zz + (rule.epsilon or TINY) * sign, sign  # epsilon=0: LRP-0's guard against 0/0
-
-
-def _distributed(bias: Tensor | None, sign: Tensor, s: Tensor, rule: RecurrentRule,
-                 n_inputs: int) -> Tensor | None:
-    """bias_factor * sum_j (b_j + eps * sign_j) * s_j / N, per sample (shape (B, 1))."""
-    if rule.bias != "distribute":
-        return None
-    term = rule.epsilon * sign
-    if bias is not None:
-        term = term + bias
-    return rule.bias_factor * (term * s).sum(-1, keepdim=True) / n_inputs
-
-
-def _tally(tally: Tally | None, bias: Tensor | None, sign: Tensor, s: Tensor,
-           rule: RecurrentRule) -> None:
-    if tally is None:
-        return
-    keep = 1.0 - rule.bias_factor if rule.bias == "distribute" else 1.0
-    b = s * bias * keep if (bias is not None and rule.bias != "ignore") else None
-    tally.add(bias=b, stabilizer=s * rule.epsilon * sign * keep)
-
-
-def _cell_split(parts: tuple[Tensor, Tensor], total: Tensor, r: Tensor, rule: RecurrentRule,
-                tally: Tally | None) -> tuple[Tensor, Tensor]:
-    """Split R of total = a + b between a and b (identity map, N = 2 x hidden)."""
-    den, sign = _denominator(total, None, rule)
-    s = r / den
-    share = _distributed(None, sign, s, rule, 2 * total.shape[-1])
-    _tally(tally, None, sign, s, rule)
-    a, b = parts
-    ra, rb = a * s, b * s
-    if share is not None:
-        ra, rb = ra + share, rb + share
-    return ra, rb
+from .errors import UnsupportedOperationError
+from .rules import RecurrentRule, Tally, safe_divide
+from .rules.recurrent import lrp_linear
 
 
 @dataclass
@@ -205,11 +110,8 @@ def _lstm_direction_backward(x: Tensor, p: _Params, cache: list, r_out: Tensor, 
     r_x = torch.zeros_like(x)
     for t, h_prev, c_prev, z_g, i, f, g_act, c_new in reversed(cache):
         r_c = r_c + r_h + r_out[:, t]  # h = o * tanh(c): all to c
-        r_cprev, r_g = _cell_split((f * c_prev, i * g_act), c_new, r_c, rule, tally)
-        den, sign = _denominator(z_g, b_g, rule)
-        s = r_g / den
-        share = _distributed(b_g, sign, s, rule, n_in)
-        _tally(tally, b_g, sign, s, rule)
+        r_cprev, r_g = rule.split((f * c_prev, i * g_act), c_new, r_c, tally)
+        s, share = rule.linear(z_g, b_g, r_g, n_in, tally)
         r_x[:, t] = lrp_linear(x[:, t], s @ w_ig, share)
         r_h = lrp_linear(h_prev, s @ w_hg, share)
         r_c = r_cprev
@@ -251,12 +153,9 @@ def _gru_direction_backward(x: Tensor, p: _Params, cache: list, r_out: Tensor, r
     r_x = torch.zeros_like(x)
     for t, h_prev, r, z, a, n, h_new in reversed(cache):
         r_h = r_h + r_out[:, t]
-        r_n, r_hprev = _cell_split(((1 - z) * n, z * h_prev), h_new, r_h, rule, tally)
+        r_n, r_hprev = rule.split(((1 - z) * n, z * h_prev), h_new, r_h, tally)
         bias = None if b_in is None else b_in + r * b_hn  # effective, per sample
-        den, sign = _denominator(a, bias, rule)
-        s = r_n / den
-        share = _distributed(bias, sign, s, rule, n_in)
-        _tally(tally, bias, sign, s, rule)
+        s, share = rule.linear(a, bias, r_n, n_in, tally)
         r_x[:, t] = lrp_linear(x[:, t], s @ w_in, share)
         r_h = r_hprev + lrp_linear(h_prev, (s * r) @ w_hn, share)
     return r_x, r_h

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from .analyze.cli import add_parser as add_analyze
 
     add_analyze(sub)
-    from ..concepts.cli import add_parsers as add_concepts
+    from .concepts.cli import add_parsers as add_concepts
 
     add_concepts(sub, _model_options)
     args = parser.parse_args(argv)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_analyze(args)
         elif args.command in ("concepts", "collect-concepts"):
-            from ..concepts import cli as concepts_cli
+            from .concepts import cli as concepts_cli
 
             (concepts_cli.run_atlas if args.command == "concepts" else
              concepts_cli.run_collect)(args)

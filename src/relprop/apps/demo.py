@@ -97,6 +97,9 @@ def run_demo(out: Path, n: int = 8, retrain: bool = False) -> Path:
     cheat = cheat_section(out, retrain=retrain)
     if cheat is not None:
         sections.append(("5. A model that cheats, found and fixed", cheat))
+    from .concepts.demo import concepts_section
+
+    sections.append(("6. What the CNN saw: its concepts", concepts_section(out)))
     report = write_report(out / "report.html", "relprop demo: real handwritten digits", sections)
     print(f"wrote {report.resolve()} in {time.perf_counter() - start:.1f} s")
     return report

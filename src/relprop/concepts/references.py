@@ -5,6 +5,7 @@ heatmap and a crop around where its relevance sits.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,13 +106,18 @@ class References:
                 f"{self.layers}, n={self.manifest['n']})")
 
 
+_GRADIENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def receptive_field(model: nn.Module | Explainer, x: Tensor, layer: str, channel: int,
                     position: int) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the input pixels the unit (channel, flat position) of
     `layer` reads in x (1, C, H, W): where its gradient with respect to x is not zero
     (taken through LRP-0, the plain gradient, whatever composite explains the model)."""
     model = model.model if isinstance(model, Explainer) else model
-    explainer = Explainer(model, "lrp0", stabilizer=0.0)
+    explainer = _GRADIENT.get(model)
+    if explainer is None:  # traced once per model
+        explainer = _GRADIENT[model] = Explainer(model, "lrp0", stabilizer=0.0)
     x = x.detach().clone().requires_grad_(True)
     with torch.inference_mode(False), torch.enable_grad():
         program = explainer._cache.get((x,), {})

@@ -117,7 +117,7 @@ def _axis(program: Program, index: int) -> int | None:
             return _layer_axis(program, index)
         if s.kind is Kind.BATCHNORM:
             return 1
-        if s.kind not in (Kind.GRADIENT, Kind.ELEMENTWISE, Kind.PROPORTIONAL):
+        if s.kind not in (Kind.GRADIENT, Kind.ELEMENTWISE, Kind.PROPORTIONAL, Kind.SOFTMAX):
             return None
         args = [a for a in node_args(program.steps[index].node)
                 if program.steps[_index(program, a)].dynamic]
@@ -167,8 +167,8 @@ _UNFUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def unfused(program: Program, steps: Iterable[int]) -> Program:
     """The program with the named steps computed on their own: a layer fused with the
-    activation after it (relprop.fused) computes the activation's output, so its value
-    would not be the layer's. Its fast path and its activation's pass-through are left out
+    activation after it (rules.base.FusedLayer) computes the activation's output, so its
+    value would not be the layer's. Its fast path and its activation's pass-through are left out
     (the results are the same; only these steps run unfused). Kept per program."""
     fused = sorted(i for i in set(steps) if program.steps[i].fast is not None)
     if not fused:

@@ -31,6 +31,7 @@ class Kind(Enum):
     BILINEAR = "bilinear"  # product of two activations (Q K^T, A V, gated MLP): uniform split
     ATTENTION = "attention"  # scaled_dot_product_attention: AttnLRP / CP-LRP
     SIMILARITY = "similarity"  # cosine similarity: norms held, products split uniformly
+    SOFTMAX = "softmax"  # a softmax whose output weighs another activation (attention weights)
 
 
 @dataclass

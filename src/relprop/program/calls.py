@@ -14,14 +14,15 @@ import torch
 from torch import Tensor, fx
 
 from ..composites import Composite, LayerInfo
-from ..functions import IdentityRule, LayerNormRule, LayerRuleFunction, StabilisedRatio
-from ..fused import Activation, FusedLayer
 from ..layers import LayerWeights, fold_batchnorm_weights
 from ..ops import Kind, OpSpec, node_args, spec
 from ..passes import positive_only
-from ..recurrent import RecurrentRule, run_aten_cell, run_recurrent
-from ..rules import BoundLayer, Rule, Tally
-from ..rules.attention import cosine_similarity
+from ..recurrent import run_aten_cell, run_recurrent
+from ..rules import BoundLayer, RecurrentRule, Rule, Tally
+from ..rules.base import Activation, FusedLayer, LayerRuleFunction
+from ..rules.identity import IdentityRule
+from ..rules.norm import LayerNormRule
+from ..rules.proportional import StabilizedRatio
 from ..shadow import zero_preserving
 
 
@@ -69,7 +70,7 @@ class LayerCall:
 
     def fused(self, act: Activation, x: Tensor, w: Tensor | None, b: Tensor | None, mean=None,
               var=None, gamma=None, beta=None) -> Tensor:
-        """act(layer(x)) in one Function (relprop.fused): the fast path."""
+        """act(layer(x)) in one Function (relprop.rules.base.FusedLayer): the fast path."""
         weights = self.weights((w, b, mean, var, gamma, beta))
         bound = BoundLayer(self.op.kernel, weights, **self.flags)
         return FusedLayer.apply(x, bound, self.rule, act)
@@ -91,7 +92,7 @@ def rule_for(node: fx.Node, s: OpSpec, p: Planning) -> Rule | RecurrentRule | No
     """The composite's rule of a layer or recurrent node (None for other families)."""
     if s.kind is Kind.RECURRENT:
         info = LayerInfo(node.name, s.path, s.layer_type, "recurrent", -1, p.layers)
-        return p.composite.rule_for_recurrent(info)
+        return p.composite.rule_for(info)
     if s.kind is Kind.LAYER:
         info = LayerInfo(node.name, s.path, s.layer_type, s.kernel.kind,
                          p.rank.get(node, -1), p.layers)
@@ -134,7 +135,7 @@ def _proportional(node: fx.Node, s: OpSpec, rule: Any, p: Planning) -> Callable[
         return fn
 
     def proportional(*args: Any, **kwargs: Any) -> Any:
-        return StabilisedRatio.apply(fn(*args, **kwargs), eps)
+        return StabilizedRatio.apply(fn(*args, **kwargs), eps)
 
     return proportional
 
@@ -166,7 +167,8 @@ HANDLERS: dict[Kind, Handler] = {
     Kind.NORM: _norm,
     Kind.ELEMENTWISE: _elementwise,
     Kind.ATTENTION: lambda node, s, rule, p: p.composite.attention.attention,
-    Kind.SIMILARITY: lambda node, s, rule, p: cosine_similarity,
+    Kind.SIMILARITY: lambda node, s, rule, p: p.composite.attention.similarity,
+    Kind.SOFTMAX: lambda node, s, rule, p: p.composite.attention.softmax(s.fn),
     Kind.BILINEAR: lambda node, s, rule, p: functools.partial(
         p.composite.attention.product, s.fn, weights=s.weights),
 }

@@ -1,5 +1,5 @@
 """Fusion: a rewrite of the planned steps that gives layers (with the activation after
-them), sum -> ReLU pairs and max pooling a fused form (relprop.fused), run when not
+them), sum -> ReLU pairs and max pooling a fused form, run when not
 recording. Same relevance as the unfused steps, fewer passes over activation maps.
 """
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +15,10 @@ import torch
 from torch import Tensor, fx
 
 from ..composites import Composite
-from ..fused import RELU, Activation, LeanMaxPool, ProportionalRelu, fused_direct
 from ..ops import Kind, max_pool_with_indices, node_args, spec
+from ..rules.base import RELU, Activation
+from ..rules.proportional import ProportionalRelu
+from ..shadow.functions import fused_direct
 from .steps import Step
 
 
@@ -67,7 +70,7 @@ def fuse(steps: list[Step], nonneg: frozenset[fx.Node], composite: Composite) ->
         if not rule.fusable(node.args[0] in nonneg) or spec(node).kernel.kind == "affine":
             continue
         fused = functools.partial(step.call.fused, None if follower is None else follower[1])
-        # flat, w-square: relevance to the input's shadow (relprop.fused.fused_direct)
+        # flat, w-square: relevance to the input's shadow (relprop.shadow.functions.fused_direct)
         fast[i] = functools.partial(fused_direct, step.call, fused) if step.producer else fused
         if follower is not None:
             fast[index[follower[0]]] = passthrough
@@ -113,7 +116,7 @@ def _zero_and_sign_preserving(act: Callable[[Tensor], Tensor]) -> bool:
 
 
 def _lean_max_pool(node: fx.Node) -> Callable[..., Any] | None:
-    """Max pooling that saves int32 argmax positions only (relprop.fused.LeanMaxPool)."""
+    """Max pooling that saves int32 argmax positions only (LeanMaxPool, below)."""
     op = spec(node).op
     with_indices, flag = max_pool_with_indices(op)
     ndim = op.pool_dims
@@ -138,3 +141,29 @@ def passthrough(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return x
 
 
+class LeanMaxPool(torch.autograd.Function):
+    """Max pooling whose backward keeps only the argmax positions, as int32.
+
+    Autograd's own max pooling keeps its input and int64 indices: three times
+    the input's size in float32. Relevance follows the gradient through max
+    pooling, which needs only where each maximum came from.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, pool: Callable[[Tensor], tuple[Tensor, Tensor]],  # type: ignore[override]
+                ndim: int) -> Tensor:
+        y, index = pool(x)
+        ctx.shape, ctx.ndim = x.shape, ndim
+        small = math.prod(x.shape[-ndim:]) < 2**31  # indices count within one channel
+        ctx.save_for_backward(index.to(torch.int32) if small else index)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (index,) = ctx.saved_tensors
+        shape = ctx.shape
+        lead = math.prod(shape[:-ctx.ndim])
+        out = grad.new_zeros(lead, math.prod(shape[-ctx.ndim:]))
+        # scatter_add, not max_unpool: overlapping windows can pick the same input twice
+        out.scatter_add_(1, index.reshape(lead, -1).long(), grad.reshape(lead, -1))
+        return out.view(shape), None, None

@@ -10,13 +10,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from ..functions import Tap
 from ..ops import Kind
 from ..rules import Tally
 
 _TALLIED = (Kind.LAYER, Kind.NORM, Kind.RECURRENT)  # steps whose rule books bias/stabilizer
+
+
+class Tap(torch.autograd.Function):
+    """Identity that stores the gradient passing through it (for recording relevance)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, store: dict, key: Any) -> Tensor:  # type: ignore[override]
+        ctx.store, ctx.key = store, key
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        prev = ctx.store.get(ctx.key)
+        ctx.store[ctx.key] = grad if prev is None else prev + grad
+        return grad, None, None
 
 
 class Observer:

@@ -10,8 +10,7 @@ from typing import Any
 from torch import fx
 
 from ..ops import Kind
-from ..recurrent import RecurrentRule
-from ..rules import Rule
+from ..rules import RecurrentRule, Rule
 from ..shadow import Role
 
 

@@ -10,20 +10,14 @@ from torch import Tensor
 
 from ..errors import CompositeError
 from ..layers import Modifier
-from .base import (
-    TINY,
-    Propagated,
-    Rule,
+from .base import TINY, activate, is_number, stabilize
+from .signsplit import (
     Side,
-    activate,
-    bias_and_tally,
-    is_number,
-    positive_contributions,
+    SignSplitRule,
     select,
     shifted,
     sign_split_transpose,
     split_positive,
-    stabilize,
     transposes,
 )
 
@@ -36,7 +30,7 @@ def _scaled_ratio(y: Tensor, d: Tensor, scale: float) -> Tensor:
 
 
 @dataclass(frozen=True)
-class AlphaBeta(Rule):
+class AlphaBeta(SignSplitRule):
     """LRP-alpha-beta (alpha - beta = 1): positive and negative contributions apart.
 
     Fused form (bias absorbed; any activation after it), in gradient form with
@@ -85,9 +79,6 @@ class AlphaBeta(Rule):
                 f"relevance: each layer would hand on alpha - beta = "
                 f"{self.alpha - self.beta:g} times what it receives")
 
-    def forward(self, layer, x):
-        return layer.apply(x, Modifier.PLAIN, Modifier.PLAIN), (positive_contributions(layer, x),)
-
     def backward(self, layer, x, z, state, incoming, tally):
         (zp,) = state
         r = incoming.relevance()
@@ -108,13 +99,8 @@ class AlphaBeta(Rule):
             n_den = stabilize(n, self.epsilon)
             s_neg = r / n_den
             neg = s_neg * (-self.beta)
-        out = Propagated(grad=sign_split_transpose(layer, x, a, neg))
-        bias_and_tally(layer, x, out, tally, self.bias, Side(a, bp, p, p_den),
-                       None if neg is None else Side(neg, bn, n, n_den))
-        return out
-
-    def fusable(self, nonneg_input):
-        return self.bias == "absorb"
+        return self.answer(layer, x, sign_split_transpose(layer, x, a, neg), tally,
+                           Side(a, bp, p, p_den), None if neg is None else Side(neg, bn, n, n_den))
 
     def fused_forward(self, ctx, layer, x, z, act):
         ctx.signed = not layer.nonneg_input

@@ -91,6 +91,16 @@ class AttentionRule:
                                               is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
 
+    def softmax(self, fn: Any) -> Any:
+        """The callable of an attention softmax: AttnLRP's Taylor rule at its input is the
+        softmax's own gradient (held weights take no relevance in `product`, so what
+        CP-LRP does here never matters)."""
+        return fn
+
+    def similarity(self, x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+        """Cosine similarity of two activations: norms held, products split uniformly."""
+        return cosine_similarity(x1, x2, dim, eps)
+
     def product(self, fn: Any, a: Tensor, b: Tensor, *args: Any, weights: int | None = None,
                 **kwargs: Any) -> Tensor:
         """fn(a, b) for a bilinear fn (matmul, element-wise mul) of two activations;

@@ -1,14 +1,16 @@
-"""What every rule shares: the layer it acts on, what arrives in the backward pass,
-its answer, the ledger's tally, the stabilizer, validation, and the `Rule` base class.
+"""The rule contract: what a rule is given, what it answers, and the two autograd
+Functions that run it.
 
-A rule sees one layer z = W x + b. In the forward pass it may compute what its
-backward needs (e.g. the positive contributions for z-plus and gamma). In the
-backward pass it receives c_z, the quantity autograd carries (relevance at the
-layer's output is R_z = c_z * z), and returns either the gradient-form answer
-c_x (input relevance R_x = x * c_x) or the relevance R_x itself for rules
-whose result is not proportional to the input (flat, w-square, z-box, bias
-distribution). A rule may also have a fused form (relprop.fused): the layer and
-the activation after it in one autograd Function that saves per-output factors.
+A rule sees one layer z = W x + b (`BoundLayer`). In the forward pass it may
+compute what its backward needs (e.g. the positive contributions for z-plus and
+gamma). In the backward pass it receives c_z, the quantity autograd carries
+(relevance at the layer's output is R_z = c_z * z; `Incoming`), and returns
+(`Propagated`) either the gradient-form answer c_x (input relevance R_x = x * c_x)
+or the relevance R_x itself for rules whose result is not proportional to the
+input (flat, w-square, z-box, bias distribution); what its bias and stabilizer
+absorbed goes to the ledger's `Tally`. `LayerRuleFunction` runs that general form.
+A rule may also have a fused form, run by `FusedLayer`: the layer and the
+activation after it in one autograd Function that saves per-output factors.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CompositeError
-from ..layers import ConvKernel, Kernel, LayerWeights, LinearKernel, Modifier
+from ..layers import Kernel, LayerWeights, Modifier
 
 BIAS_MODES = ("absorb", "ignore", "distribute")
 # Stabilizer used where a rule asks for none (LRP-0 with a filter, ignored bias):
@@ -185,26 +187,19 @@ EPSILON_WHY = "it is added to each denominator's magnitude; a negative one can c
 
 
 @dataclass(frozen=True)
-class Rule:
-    """Base of all layer rules; `bias` selects the bias handling.
+class RuleBase:
+    """What every rule shares, the layer rules' `Rule` and the recurrent rule: the bias
+    mode (`bias=`), the stabilizer's validation, a name and a description.
 
-    Bias handling (`bias=`): "absorb" keeps b in the denominator (relevance the
-    bias explains is lost and reported in the ledger), "ignore" leaves it out
-    (relevance is conserved), "distribute" keeps it in the denominator and hands
-    each output's bias share b_j / n_j to its n_j connected inputs (conserved).
-
-    A rule owns all of its forms: `forward`/`backward` (the general form, run by
-    relprop.functions.LayerRuleFunction), optionally `fusable`/`fused_forward`/
-    `fused_backward` (the fast form with the activation after the layer, run by
-    relprop.fused.FusedLayer), and what the program needs to know of it
-    (`hands_out_directly`, `is_plain_gradient`, `takes_relu_inside`).
+    Bias handling: "absorb" keeps b in the denominator (relevance the bias explains
+    is lost and reported in the ledger), "ignore" leaves it out (relevance is
+    conserved), "distribute" keeps it in the denominator and hands each output's
+    bias share to the inputs (conserved).
     """
 
     bias: str = field(default="absorb", kw_only=True)
 
     name = "rule"
-    uses_output = True  # the backward reads z (z-box does not, unless recording/filtering)
-    takes_relu_inside = False  # honours BoundLayer.relu_after: the ReLU after it can join it
 
     def __post_init__(self) -> None:
         if self.bias not in BIAS_MODES:
@@ -212,12 +207,32 @@ class Rule:
         if hasattr(self, "epsilon"):  # every rule's stabilizer (the epsilon rule's epsilon)
             check_nonnegative(type(self).__name__, "epsilon", self.epsilon, EPSILON_WHY)
 
-    # -- what the program asks --------------------------------------------------------
-
     @property
     def hands_out_directly(self) -> bool:
         """Hands out relevance not proportional to the input value (relprop.shadow)."""
         return self.bias == "distribute"
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Rule(RuleBase):
+    """Base of the rules for linear-like layers (z = W x + b).
+
+    Mode "distribute" hands each output's bias share b_j / n_j to its n_j connected
+    inputs. A rule owns all of its forms: `forward`/`backward` (the general form, run
+    by `LayerRuleFunction`), optionally `fusable`/`fused_forward`/`fused_backward` (the
+    fast form with the activation after the layer, run by `FusedLayer`), and what the
+    program needs to know of it (`hands_out_directly`, `is_plain_gradient`,
+    `takes_relu_inside`). The recurrent rule (relprop.rules.recurrent) is a `RuleBase`
+    too; relprop.recurrent runs it on LSTM/GRU layers.
+    """
+
+    uses_output = True  # the backward reads z (z-box does not, unless recording/filtering)
+    takes_relu_inside = False  # honours BoundLayer.relu_after: the ReLU after it can join it
+
+    # -- what the program asks --------------------------------------------------------
 
     @property
     def is_plain_gradient(self) -> bool:
@@ -235,7 +250,7 @@ class Rule:
     ) -> Propagated:
         raise NotImplementedError
 
-    # -- the fused form (relprop.fused) -----------------------------------------------
+    # -- the fused form (FusedLayer) -----------------------------------------------------
 
     def fusable(self, nonneg_input: bool) -> bool:
         """Whether the fused form computes this rule exactly on this layer, given
@@ -251,11 +266,8 @@ class Rule:
 
     def fused_backward(self, ctx: Any, grad: Tensor) -> Tensor:
         """c_x from c_y, the gradient at the fused layer's output; a rule that hands
-        relevance out directly returns R_x instead (relprop.fused.ToShadow routes it)."""
+        relevance out directly returns R_x instead (relprop.shadow.functions.ToShadow routes it)."""
         raise NotImplementedError(f"{type(self).__name__} has no fused form")
-
-    def describe(self) -> str:
-        return self.name
 
 
 # -- helpers several rules share ------------------------------------------------------
@@ -265,125 +277,6 @@ def distribute(layer: BoundLayer, x: Tensor, shares: Tensor) -> Tensor:
     return layer.t(shares / layer.fan_in(x), Modifier.ONES, x)
 
 
-@dataclass
-class Side:
-    """One side of a two-sided rule: s = R / den (times its weight), its bias part b,
-    and its denominator d before and den after the stabilizer."""
-
-    s: Tensor
-    b: Tensor | None
-    d: Tensor
-    den: Tensor
-
-
-def bias_and_tally(layer: BoundLayer, x: Tensor, out: Propagated, tally: Tally | None,
-                   mode: str, pos: Side, neg: Side | None) -> None:
-    """Bias distribution and the ledger's shares for a rule with a positive and a
-    negative side (alpha-beta, gamma): `out.relevance` gets the distributed bias
-    (mode "distribute"), `tally` what the bias (mode "absorb") and the stabilizer took."""
-    if pos.b is not None and mode == "distribute":
-        shares = pos.s * pos.b if neg is None else pos.s * pos.b + neg.s * neg.b
-        out.relevance = distribute(layer, x, shares)
-    if tally is not None:
-        stab = pos.s * (pos.den - pos.d)
-        bias = pos.s * pos.b if (pos.b is not None and mode == "absorb") else None
-        if neg is not None:
-            stab = stab + neg.s * (neg.den - neg.d)
-            if bias is not None:
-                bias = bias + neg.s * neg.b
-        tally.add(bias=bias, stabilizer=stab)
-
-
-def positive_contributions(layer: BoundLayer, x: Tensor) -> Tensor:
-    """sum_i x+_i w+_ij + x-_i w-_ij (no bias): the positive part of z - b."""
-    if layer.nonneg_input:
-        return layer.apply(x, Modifier.POS)
-    return layer.apply(x.clamp(min=0), Modifier.POS) + layer.apply(x.clamp(max=0), Modifier.NEG)
-
-
-def stacks(kernel: Kernel) -> bool:
-    """Whether modified weights run stacked in one call: dense layers and convolutions with
-    groups == 1. (A grouped call with two parts per group runs slower than two calls.)"""
-    return isinstance(kernel, LinearKernel) or (
-        isinstance(kernel, ConvKernel) and kernel.groups == 1)
-
-
-def stacked_weight(layer: BoundLayer, mods: tuple[Modifier, ...]) -> Tensor:
-    """The modified weights side by side along the input dimension, cached (the parts
-    are not cached apart, so this costs no more memory than the parts would)."""
-    key = ("stacked", mods)
-    cache = layer.weights.extra
-    if key not in cache:
-        cache[key] = torch.cat([m.modify(layer.weights.w) for m in mods], 1)
-    return cache[key]
-
-
-def _stacked_dim(layer: BoundLayer, ndim: int) -> int:
-    return ndim - 1 if isinstance(layer.kernel, LinearKernel) else 1
-
-
-def transposes(layer: BoundLayer, s: Tensor, shape: torch.Size,
-               mods: tuple[Modifier, ...]) -> tuple[Tensor, ...]:
-    """W_m^T s for each modifier m (`shape`: the layer's input shape): one call over the
-    stacked weights where `stacks`, whose output holds the parts side by side (views)."""
-    if not stacks(layer.kernel):
-        return tuple(layer.t(s, m, shape) for m in mods)
-    dim = _stacked_dim(layer, len(shape))
-    size = list(shape)
-    size[dim] *= len(mods)
-    out = layer.kernel.transpose(s, stacked_weight(layer, mods), torch.Size(size))
-    return out.chunk(len(mods), dim=dim)
-
-
-def split_positive(layer: BoundLayer, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """P + eps = W+ x+ + W- x- + b+ + eps for inputs of either sign, and [x > 0] as 0/1.
-
-    Every term of P is >= 0, so P keeps its digits also where it is near 0 (the
-    identity (x w)+ = (x w + |x| |w|) / 2 would take P as a difference there). Where
-    `stacks`: one call, [x+, x-] against [W+, W-]; else two calls sharing one buffer.
-    The 0/1 mask is float: selecting with it (torch.lerp) is exact and several times
-    faster than torch.where or a multiply by a boolean tensor on CPU.
-    """
-    bias = shifted_bias(layer, Modifier.POS, eps)
-    kernel = layer.kernel
-    if stacks(kernel):
-        dim = _stacked_dim(layer, x.dim())
-        size = list(x.shape)
-        size[dim] *= 2
-        both = x.new_empty(size)
-        pos, neg = both.chunk(2, dim=dim)
-        torch.clamp(x, min=0, out=pos)
-        torch.clamp(x, max=0, out=neg)
-        p = kernel.forward(both, stacked_weight(layer, (Modifier.POS, Modifier.NEG)), bias)
-        del both, pos, neg
-        return p, torch.gt(x, 0, out=x.new_empty(x.shape))
-    part = x.clamp(min=0)
-    p = kernel.forward(part, layer.weights.weight(Modifier.POS), bias)
-    torch.clamp(x, max=0, out=part)
-    p.add_(kernel.forward(part, layer.weights.weight(Modifier.NEG), None))
-    return p, torch.gt(x, 0, out=part)
-
-
-def select(mask: Tensor, where_pos: Tensor, where_neg: Tensor) -> Tensor:
-    """where(mask, where_pos, where_neg) for a 0/1 float mask, exactly (lerp with a weight
-    of 0 or 1 returns one end unchanged), into `where_neg` when it is its own tensor."""
-    own = where_neg.is_contiguous() and where_neg._base is None
-    return torch.lerp(where_neg, where_pos, mask, out=where_neg if own else None)
-
-
-def sign_split_transpose(layer: BoundLayer, x: Tensor, a: Tensor, b: Tensor | None) -> Tensor:
-    """c_x for c_x+ = W+^T a + W-^T b and c_x- = W+^T b + W-^T a."""
-    c_pos = layer.t(a, Modifier.POS, x)
-    if b is not None:
-        c_pos = c_pos + layer.t(b, Modifier.NEG, x)
-    if layer.nonneg_input:
-        return c_pos
-    c_neg = layer.t(a, Modifier.NEG, x)
-    if b is not None:
-        c_neg = c_neg + layer.t(b, Modifier.POS, x)
-    return torch.where(x > 0, c_pos, c_neg)
-
-
 def activate(z: Tensor, act: Activation) -> Tensor:
     """y = act(z) in a fused form; a ReLU runs in place, so z becomes relu(z) too."""
     if act == RELU:
@@ -391,21 +284,75 @@ def activate(z: Tensor, act: Activation) -> Tensor:
     return z if act is None else act(z)  # type: ignore[operator]
 
 
-def shifted_bias(layer: BoundLayer, mod: Modifier, eps: float, gamma: float = 0.0) -> Tensor:
-    """The modified bias plus eps (zeros plus eps without a bias), cached."""
-    key = ("shifted", mod, gamma, eps)
-    cache = layer.weights.extra
-    if key not in cache:
-        b = layer.weights.bias(mod, gamma)
-        w = layer.weights.w
-        out_features = layer.kernel.out_channels(w)
-        base = torch.zeros(out_features, dtype=w.dtype, device=w.device) if b is None else b
-        cache[key] = base + eps
-    return cache[key]
+# -- running a rule: the general form and the fused form ------------------------------
+
+class LayerRuleFunction(torch.autograd.Function):
+    """A linear-like layer whose backward is an LRP rule (its general form).
+
+    Gradient form (R = x * c) cannot carry relevance to an input whose value
+    is 0, and some rules hand relevance out regardless of the input's value
+    (z-box, flat, w-square, bias distribution). That relevance travels on the
+    *shadow* channel (relprop.shadow): `shadow` is the input's shadow tensor,
+    whose gradient receives it as relevance, not divided by anything. Without
+    a shadow it is converted to R / x, losing what lands on zeros (the ledger
+    shows it). With `port=True` the layer returns (z, shadow of z) and
+    relevance arriving on that shadow joins c_z * z before the rule applies.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, shadow: Tensor | None, layer: BoundLayer, rule: Rule,
+        tally: Tally | None, port: bool,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        z, state = rule.forward(layer, x)
+        # z-box keeps z / stab(d) instead of z: z itself only for the ledger, a filter or a port
+        keep_z = rule.uses_output or tally is not None or layer.top_k is not None or port
+        ctx.save_for_backward(x, z if keep_z else None, *state)
+        ctx.layer, ctx.rule, ctx.tally, ctx.has_shadow = layer, rule, tally, shadow is not None
+        ctx.set_materialize_grads(False)
+        if port:
+            return z, z.new_zeros(z.shape)
+        return z  # a rule that honours layer.relu_after returns relu(z)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None,
+                 direct: Tensor | None = None) -> tuple[Tensor | None, ...]:
+        x, z, *state = ctx.saved_tensors
+        layer: BoundLayer = ctx.layer
+        if grad is None:
+            grad = torch.zeros_like(z if z is not None else state[0])
+        incoming = Incoming(grad=grad, z=z, top_k=layer.top_k, direct=direct)
+        out = ctx.rule.backward(layer, x, z, tuple(state), incoming, ctx.tally)
+        grad_x, grad_shadow = out.grad, None
+        if out.relevance is not None:
+            if ctx.has_shadow:
+                grad_shadow = out.relevance
+            else:
+                lossy = safe_divide(out.relevance, x)
+                grad_x = lossy if grad_x is None else grad_x + lossy
+        return grad_x, grad_shadow, None, None, None, None
 
 
-def shifted(layer: BoundLayer, x: Tensor, mod: Modifier, eps: float,
-            gamma: float = 0.0) -> Tensor:
-    """The modified layer's output plus eps, with eps folded into the (cached) bias."""
-    return layer.kernel.forward(x, layer.weights.weight(mod, gamma),
-                                shifted_bias(layer, mod, eps, gamma))
+class FusedLayer(torch.autograd.Function):
+    """y = act(W x + b) whose backward is the layer's LRP rule in its fused form.
+
+    Relevance at the layer's output is R = c * y, where y = act(z) is what the
+    network passes on (y = z without an activation) and c what autograd carries;
+    an identity-rule activation hands R on unchanged, so the layer's rule sees R
+    at z. Every fusable rule then reads c_x = sum_k W_k^T (c * f_k) (one or two
+    modified weights W_k) with factors f_k = y / D_k computed in the forward pass
+    (what each rule saves and how many convolutions it makes is in its docstring).
+    Rules that hand relevance out directly (flat, w-square) return R_x itself,
+    which relprop.shadow.functions.ToShadow routes to the input's shadow.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: BoundLayer, rule: Rule,  # type: ignore[override]
+                act: Activation) -> Tensor:
+        z = layer.apply(x, Modifier.PLAIN, Modifier.PLAIN)
+        ctx.shape, ctx.layer, ctx.rule = x.shape, layer, rule
+        return rule.fused_forward(ctx, layer, x, z, act)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        return ctx.rule.fused_backward(ctx, grad), None, None, None

@@ -1,4 +1,9 @@
-"""LRP-epsilon and LRP-0."""
+"""LRP-epsilon and LRP-0.
+
+A composite (relprop.composites) gives a layer its Epsilon; rules/base.py runs it:
+`LayerRuleFunction` calls `forward` and `backward` (the general form, with a ledger or
+a filter), `FusedLayer` calls `fused_forward` and `fused_backward` (the fast form).
+"""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ class Flat(Rule):
     computed once per shape, for one sample (`BoundLayer.fan_in`), not every call.
 
     Fused form (any bias mode, any activation after it, inputs of any sign): one
-    factor f = y / stab(n), saved; R_x = 1^T (c f), returned to `relprop.fused.ToShadow`,
+    factor f = y / stab(n), saved; R_x = 1^T (c f), returned to `relprop.shadow.functions.ToShadow`,
     which hands it to the input's shadow. Convolutions: 1 forward (W), 1 transposed
     (all-ones weight): the gradient's count. Where the layer's output carries a
     shadow itself (relevance may arrive there directly), the general form runs.

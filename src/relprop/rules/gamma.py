@@ -7,24 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from ..layers import Modifier
-from .base import (
-    RELU,
-    TINY,
-    Propagated,
-    Rule,
-    Side,
-    activate,
-    bias_and_tally,
-    check_nonnegative,
-    positive_contributions,
-    shifted,
-    sign_split_transpose,
-    stabilize,
-)
+from .base import RELU, TINY, activate, check_nonnegative, stabilize
+from .signsplit import Side, SignSplitRule, shifted, sign_split_transpose
 
 
 @dataclass(frozen=True)
-class Gamma(Rule):
+class Gamma(SignSplitRule):
     """Generalised LRP-gamma: favour contributions with the sign of the output.
 
     Fused form (any activation after it, inputs of any sign): P = z + g (positive
@@ -46,9 +34,6 @@ class Gamma(Rule):
         check_nonnegative("Gamma", "gamma", self.gamma,
                           "a negative gamma favours contributions against the output's sign, "
                           "the denominator can cross zero and relevance explodes")
-
-    def forward(self, layer, x):
-        return layer.apply(x, Modifier.PLAIN, Modifier.PLAIN), (positive_contributions(layer, x),)
 
     def backward(self, layer, x, z, state, incoming, tally):
         (zp,) = state
@@ -79,15 +64,10 @@ class Gamma(Rule):
             s_neg = torch.where(z < 0, r / n_den, 0.0)
             grad = sign_split_transpose(layer, x, s_pos * (1 + g) + s_neg,
                                         s_pos + s_neg * (1 + g))
-        out = Propagated(grad=grad)
         b_p = layer.bias_term(Modifier.GAMMA_POS, z, g)  # b + g b+
         b_n = layer.bias_term(Modifier.GAMMA_NEG, z, g)  # b + g b-
-        bias_and_tally(layer, x, out, tally, self.bias, Side(s_pos, b_p, p, p_den),
-                       None if s_neg is None else Side(s_neg, b_n, n, n_den))
-        return out
-
-    def fusable(self, nonneg_input):
-        return self.bias == "absorb"
+        return self.answer(layer, x, grad, tally, Side(s_pos, b_p, p, p_den),
+                           None if s_neg is None else Side(s_neg, b_n, n, n_den))
 
     def fused_forward(self, ctx, layer, x, z, act):
         relu = act == RELU

@@ -20,7 +20,7 @@ class WSquare(Rule):
     on the input's shape alone: computed once per shape, for one sample.
 
     Fused form (bias absorbed or ignored, any activation after it): one factor
-    f = y / stab(d), saved; R_x = (W^2)^T (c f), returned to `relprop.fused.ToShadow`,
+    f = y / stab(d), saved; R_x = (W^2)^T (c f), returned to `relprop.shadow.functions.ToShadow`,
     which hands it to the input's shadow. Convolutions: 1 forward (W), 1 transposed
     (W^2): the gradient's count. Where the layer's output carries a shadow itself
     (relevance may arrive there directly), the general form runs.

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ..errors import CompositeError, InputError
 from ..layers import Modifier
-from .base import TINY, Propagated, Rule, is_number, stabilize, transposes
+from .base import TINY, Propagated, Rule, is_number, stabilize
+from .signsplit import transposes
 
 
 def check_bounds(low: float | Tensor, high: float | Tensor) -> None:

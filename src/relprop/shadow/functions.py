@@ -76,3 +76,29 @@ class ShadowSum(torch.autograd.Function):
             grad_parts = torch.where(zero & (count != 0), direct / count.where(count != 0, 1.0),
                                      0.0)
         return grad_z, grad_parts, None, None, None
+
+
+class ToShadow(torch.autograd.Function):
+    """x unchanged. What arrives in its backward is relevance, not c_x (the fused form of
+    a rule that hands relevance out directly returns R_x): it goes to x's shadow, whose
+    gradient is relevance itself (relprop.shadow), and none goes to x."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, shadow: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[None, Tensor]:
+        return None, relevance
+
+
+def fused_direct(general: Callable[..., Any], fused: Callable[..., Tensor], x: Tensor,
+                 *args: Any, shadow: Tensor | None = None, port: bool = False,
+                 **kwargs: Any) -> Any:
+    """The fast path of a rule that hands relevance out directly (flat, w-square): its
+    fused form, the relevance routed through `ToShadow` to the input's shadow. Without a
+    shadow (relevance would be divided by x), or as a port (relevance may arrive on the
+    output's shadow), the general form `general` runs."""
+    if shadow is None or port:
+        return general(x, *args, shadow=shadow, port=port, **kwargs)
+    return fused(ToShadow.apply(x, shadow), *args, **kwargs)

@@ -10,7 +10,7 @@ from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import RelpropError
+from ...errors import RelpropError
 
 
 def add_parsers(sub: argparse._SubParsersAction,
@@ -52,10 +52,10 @@ def add_parsers(sub: argparse._SubParsersAction,
 
 
 def run_collect(args: Namespace) -> None:
-    from ..apps.explain_cli import preprocessing_for
-    from ..apps.loading import load
-    from ..dataset.images import ImageFiles
-    from .collect import collect
+    from ...concepts.collect import collect
+    from ...dataset.images import ImageFiles
+    from ..explain_cli import preprocessing_for
+    from ..loading import load
 
     target: int | str = args.target
     if target not in ("pred", "label"):
@@ -75,11 +75,11 @@ def run_collect(args: Namespace) -> None:
 
 
 def run_atlas(args: Namespace) -> None:
-    from ..apps.explain_cli import preprocessing_for
-    from ..apps.loading import load
-    from ..explain import Explainer
+    from ...concepts.references import load as load_references
+    from ...explain import Explainer
+    from ..explain_cli import preprocessing_for
+    from ..loading import load
     from .atlas import atlas
-    from .references import load as load_references
 
     if not args.image.is_file():
         raise RelpropError(f"no such image: {args.image}")

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..apps.report import png_data_uri, table_html, write_report
-from ..explain import Explainer
-from ..targets import Target
-from .conditional import explain as conditional
-from .graph import graph
-from .references import References, receptive_field
-from .relevance import relevance
+from ...concepts.conditional import explain as conditional
+from ...concepts.graph import graph
+from ...concepts.references import References, receptive_field
+from ...concepts.relevance import relevance
+from ...explain import Explainer
+from ...targets import Target
+from ..report import png_data_uri, table_html, write_report
 
 # a reference sample by dataset index: (x (1, C, H, W), the picture (H, W, 3) uint8)
 Reader = Callable[[int], tuple[Tensor, np.ndarray]]
@@ -103,7 +103,7 @@ def _namer(class_names: Sequence[str] | None) -> Callable[[int], str]:
 
 
 def _heatmap(r: Tensor) -> np.ndarray:
-    from ..visualize import heatmap
+    from ...visualize import heatmap
 
     return heatmap(r.detach().cpu(), mode="symmetric")
 
