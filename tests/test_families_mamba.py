@@ -47,3 +47,29 @@ def test_mamba_runs_unchanged() -> None:
     the conv1d's bias takes its share, padded tokens 0."""
     check_contract(fam.tiny_mamba(0), IDS, 4, {"attention_mask": LEFT_PADDED},
                    padded=LEFT_PADDED == 0, softmax=False)
+
+
+class _Selection(torch.nn.Module):
+    """x_proj(u) split into (dt, B, C), Delta = softplus(dt_proj(dt)); with `into_layer`
+    the first piece also enters a layer (as Mamba2's split of its input projection)."""
+
+    def __init__(self, into_layer: bool) -> None:
+        super().__init__()
+        self.into_layer = into_layer
+        self.x_proj = torch.nn.Linear(4, 12)
+        self.dt_proj = torch.nn.Linear(4, 4)
+        self.w = torch.nn.Parameter(torch.randn(4, 4))  # (functional, as relprop's graphs are)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        dt, b, c = self.x_proj(u).split(4, -1)
+        delta = torch.nn.functional.softplus(self.dt_proj(dt))
+        x = torch.nn.functional.linear(dt, self.w) if self.into_layer else u
+        return x * delta * b * c
+
+
+def test_only_a_split_of_scan_parameters_is_held() -> None:
+    from relprop.passes.scan import hold_selection
+
+    held = hold_selection(torch.fx.symbolic_trace(_Selection(False)).graph)
+    assert [n.name for n in held] == ["split"]
+    assert hold_selection(torch.fx.symbolic_trace(_Selection(True)).graph) == set()

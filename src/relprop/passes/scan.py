@@ -8,13 +8,18 @@ constant, so the scan is linear in its input u (the state a held-decay weighted 
 held-scaled inputs, read out by a held C) and relevance flows through u alone. Here:
 the split a softplus's input comes from is held whole; what only it computes (the
 softplus, exp, the discretised A and B) needs no rule.
+
+Only a split of parameters alone is held: where a piece goes on into a layer (Mamba2
+splits its input projection into the gate, the scan input and dt; the scan input
+enters the conv1d), nothing is held and the scan is refused at its first op without
+a rule rather than explained wrong.
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from ..ops import is_op, node_args
+from ..ops import Kind, is_op, meaning, node_args
 
 
 def hold_selection(graph: fx.Graph) -> set[fx.Node]:
@@ -31,9 +36,26 @@ def hold_selection(graph: fx.Graph) -> set[fx.Node]:
         while at is not None and not (is_op(at, "getitem") and is_op(at.args[0], "split")):
             inputs = [a for a in node_args(at) if a in dependent]
             at = inputs[0] if len(inputs) == 1 else None
-        if at is not None:
+        if at is not None and not any(_feeds_layer(piece) for piece in at.args[0].users):
             split = at.args[0]
             split.meta["relprop_constant"] = "statistic"  # (what classify stops at)
             split.meta["relprop_held"] = "selective scan parameters (Delta, B, C)"
             held.add(split)
     return held
+
+
+def _feeds_layer(node: fx.Node) -> bool:
+    """`node` reaches a linear or convolution layer through moves (views, casts)."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            what = meaning(user)
+            if what is not None and what.kind is Kind.LAYER:
+                return True
+            if what is not None and (what.pure_move or what.view or what.name == "cast"):
+                todo.append(user)
+    return False
