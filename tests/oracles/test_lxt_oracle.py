@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "oracles" / "lxt_run.py"
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lxt") is None,

@@ -25,7 +25,7 @@ from relprop import RelpropError
 from relprop.apps.cli import main
 from relprop.dataset import ImageFiles, Store, explain_dataset, load_explanations, shards
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the helper modules
 N, SHARD, BATCH = 24, 5, 3  # 5 shards, the last one short; batches of 3, 3 within a shard
 SHARD_FILES = [f"shard-{k:06d}.safetensors" for k in range(5)]
 

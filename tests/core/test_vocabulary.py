@@ -17,7 +17,7 @@ from torch import fx, nn
 from relprop.ops import is_op, lookup, meaning
 from relprop.ops.vocabulary import _ENTRIES
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "relprop"
+SRC = Path(__file__).resolve().parents[2] / "src" / "relprop"
 
 
 def _fx_and_export_ops(fn, x) -> tuple[list[str], list[str]]:

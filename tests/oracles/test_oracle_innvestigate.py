@@ -19,7 +19,7 @@ from torch import nn
 import relprop
 from relprop import LRP0, AlphaBeta, Composite, Epsilon, Flat, WSquare, ZBox, ZPlus
 
-ORACLES = Path(__file__).parent / "data" / "innvestigate"  # see its README.md
+ORACLES = Path(__file__).resolve().parents[1] / "data" / "innvestigate"  # see its README.md
 LAYERS = ["Dense", "Dense_relu", "Conv2D", "Conv2D_relu", "AveragePooling2D", "MaxPooling2D"]
 IN_EPS = 1e-7  # iNNvestigate's epsilon (K.epsilon())
 # iNNvestigate's other rules divide with SafeDivide, which guards only exact zeros

@@ -9,7 +9,7 @@ from pathlib import Path
 from relprop.apps.datasets import load_mnist
 from relprop.apps.zoo import accuracy, mnist_lstm
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def load(name: str):

@@ -20,7 +20,7 @@ import relprop
 from relprop.apps.zoo import mnist_lstm
 from relprop.visualize import explanation_figure, explanation_png
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_python(code: str) -> str:
