@@ -82,7 +82,7 @@ def test_importing_relprop_loads_no_application_module():
 
 def test_one_progress_bar_for_explain_and_explain_dataset(capsys):
     """explain(progress=True) draws relprop.progress's bar, the one explain_dataset draws
-    (tests/test_explain_dataset.py checks its samples/s and ETA there)."""
+    (tests/apps/test_explain_dataset.py checks its samples/s and ETA there)."""
     import importlib
 
     import torch

@@ -11,7 +11,7 @@ The default run is derandomized (the same examples every time) and takes a few
 seconds per test. For a deeper search with fresh random examples:
 
     RELPROP_HYPOTHESIS_EXAMPLES=2000 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q \
-        tests/test_properties.py
+        tests/core/test_properties.py
 
 (every test then runs that many examples; the all-presets test, which explains
 each example 28 times, a tenth of them). A failure prints the shrunk model as

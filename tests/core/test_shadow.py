@@ -221,7 +221,7 @@ def test_a_shadow_with_nothing_below_falls_back_to_gradient_form() -> None:
 
 def test_bias_ignore_divides_by_w_x_not_by_z_minus_b() -> None:
     """|b| >> |W x|: z - b by subtraction loses the digits the rule divides by (found by
-    tests/test_properties.py); the ledger must still balance to the last digits."""
+    tests/core/test_properties.py); the ledger must still balance to the last digits."""
     layer = nn.Linear(1, 1).double()
     with torch.no_grad():
         layer.weight.fill_(1.0)
@@ -237,7 +237,7 @@ def test_bias_ignore_divides_by_w_x_not_by_z_minus_b() -> None:
 def test_a_reshape_by_size_keeps_the_non_negative_flag() -> None:
     """x.view(x.size(0), -1) after a ReLU is as non-negative as torch.flatten(x, 1): the
     size argument is no data, so both forms give bit-identical relevance (found by
-    tests/test_properties.py)."""
+    tests/core/test_properties.py)."""
 
     class Flat(nn.Module):
         def __init__(self) -> None:

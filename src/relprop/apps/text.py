@@ -123,7 +123,7 @@ PAIRS: list[tuple[str, str]] = [
 ]
 
 
-# --- faithfulness on sentence pairs (benchmarks/text_faithfulness.py, tests/test_text.py) --
+# --- faithfulness on sentence pairs (benchmarks/text_faithfulness.py, tests/apps/test_text.py) --
 
 METHODS = ("relprop attnlrp", "gradient x input", "attention rollout", "random")
 
