@@ -53,11 +53,13 @@ def vgg(arch: str, biases: bool) -> torch.nn.Module:
 
 
 COMPOSITES = ["epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1"]
-CASES = [(a, c, b) for a in ("vgg11", "vgg16") for c in COMPOSITES for b in (False, True)]
+# VGG16 (the deeper twin of VGG11, same layer types) runs in `make bench` (pytest -m slow)
+CASES = [pytest.param(a, c, b, id=f"{a}-{c}-{'bias' if b else 'nobias'}",
+                      marks=[pytest.mark.slow] if a == "vgg16" else [])
+         for a in ("vgg11", "vgg16") for c in COMPOSITES for b in (False, True)]
 
 
-@pytest.mark.parametrize(("arch", "composite", "biases"), CASES,
-                         ids=[f"{a}-{c}-{'bias' if b else 'nobias'}" for a, c, b in CASES])
+@pytest.mark.parametrize(("arch", "composite", "biases"), CASES)
 def test_vgg_matches_zennit(arch: str, composite: str, biases: bool) -> None:
     model = vgg(arch, biases)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -96,11 +98,13 @@ def with_batchnorm_statistics(arch: str, bn_eps: float = 0.0) -> torch.nn.Module
     return model
 
 
-CANON = [(a, c) for a in ("resnet18", "resnet50", "vgg16_bn")
+# ResNet50 (bottleneck blocks of ResNet18's parts) runs in `make bench`
+CANON = [pytest.param(a, c, id=f"{a}-{c}", marks=[pytest.mark.slow] if a == "resnet50" else [])
+         for a in ("resnet18", "resnet50", "vgg16_bn")
          for c in ("epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box")]
 
 
-@pytest.mark.parametrize(("arch", "composite"), CANON, ids=[f"{a}-{c}" for a, c in CANON])
+@pytest.mark.parametrize(("arch", "composite"), CANON)
 def test_canonized_networks_match_zennit(arch: str, composite: str) -> None:
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
