@@ -143,8 +143,8 @@ def test_batchnorm_is_folded_into_the_preceding_conv() -> None:
         r1 = relprop.explain(model, x, target=1, composite=composite).relevance
         r2 = relprop.explain(twin, x, target=1, composite=composite).relevance
         torch.testing.assert_close(r1, r2, rtol=1e-4, atol=1e-6)
-    names = [s.node.meta["relprop"].label for s in relprop.Explainer(model, "epsilon")
-             .program.layer_steps()]
+    names = [s.op for s in relprop.Explainer(model, "epsilon").describe().steps
+             if s.kind == "layer"]
     assert names[0] == "Conv2d+BatchNorm2d"
 
 
@@ -197,7 +197,7 @@ def test_fast_path_equals_the_general_path(composite: str, factory) -> None:
     model = with_biases(factory(), 0.2).double().eval()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     ex = relprop.Explainer(model, composite=composite, low=-3.0, high=3.0)
-    assert any(s.fast is not None for s in ex.program.steps) or composite == "lrp0"
+    assert any(s.fused for s in ex.describe().steps) or composite == "lrp0"
     fast = ex(x, target=1)
     general = ex(x, target=1, record=True)
     torch.testing.assert_close(fast.relevance, general.relevance, rtol=1e-9, atol=1e-12)
@@ -214,7 +214,7 @@ def test_fast_path_covers_residual_branches_and_smooth_activations() -> None:
 
     def fast(composite: str) -> set[str]:
         ex = relprop.Explainer(model, composite=composite, low=-3.0, high=3.0)
-        return {s.name for s in ex.program.steps if s.fast is not None}
+        return {s.name for s in ex.describe().steps if s.fused}
 
     everything = {"branch2", "add", "relu_2", "dw", "silu", "pw", "gelu", "fc"}
     assert everything | {"stem", "relu"} <= fast("epsilon_gamma_box")  # z-box + its ReLU
@@ -268,9 +268,8 @@ def test_lean_max_pooling_routes_like_the_gradient() -> None:
     model = with_biases(PoolZoo()).double().eval()
     x = torch.randn(3, 2, 9, 9, dtype=torch.float64)
     ex = relprop.Explainer(model, composite="lrp0")
-    pools = [s.name for s in ex.program.steps if "pool" in s.name]
-    assert len(pools) == 5 and all(
-        s.fast is not None for s in ex.program.steps if s.name in pools), pools
+    pools = [s for s in ex.describe().steps if "pool" in s.name]
+    assert len(pools) == 5 and all(s.fused for s in pools), pools
     for target in (0, 40, 70):
         torch.testing.assert_close(ex(x, target=target).relevance,
                                    grad_x_input(model, x, target), rtol=1e-9, atol=1e-12)

@@ -56,7 +56,7 @@ def _layer_names(ex: relprop.Explainer) -> dict[str, object]:
 
 
 def _fast(ex: relprop.Explainer) -> set[str]:
-    return {s.name for s in ex.program.steps if s.kind is Kind.LAYER and s.fast is not None}
+    return {s.name for s in ex.describe().steps if s.kind == "layer" and s.fused}
 
 
 def _check_equal(ex: relprop.Explainer, x: torch.Tensor) -> None:
@@ -186,7 +186,7 @@ def test_alpha_beta_where_eps_is_below_the_last_digit_of_p(nonneg: bool) -> None
     model = nn.Sequential(first, nn.ReLU() if nonneg else nn.SiLU(), head).eval()
     x = torch.rand(3, 4) + 1.0
     ex = relprop.Explainer(model, composite=Composite(default=AlphaBeta()))
-    assert all(s.fast is not None for s in ex.program.steps if s.kind is Kind.LAYER)
+    assert all(s.fused for s in ex.describe().steps if s.kind == "layer")
     fast = ex(x, target=0).relevance
     assert torch.isfinite(fast).all()
     torch.testing.assert_close(fast, ex(x, target=0, record=True).relevance, rtol=1e-5,

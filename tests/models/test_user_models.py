@@ -145,8 +145,7 @@ def test_leaf_submodule_with_a_chosen_family() -> None:
     calls = []
     model.block.register_forward_hook(lambda *a: calls.append(1))
     leaf = relprop.Explainer(model, composite="epsilon", leaves={"block": "gradient"})
-    steps = [s.node.meta["relprop"].label for s in leaf.program.steps
-             if "relprop" in s.node.meta]
+    steps = [s.op for s in leaf.describe().steps]
     assert "Block" in steps and "Conv2d" not in steps  # one op, not traced into
     # "gradient" on a bias-free conv + ReLU block is LRP-0 for that block
     with torch.no_grad():
@@ -203,7 +202,7 @@ def test_fast_path_fuses_only_sign_preserving_activations(composite: str) -> Non
     relprop.register_function(scaled_tanh, "identity")
     model = WithWavy().double()
     ex = relprop.Explainer(model, composite=composite)
-    fast = {s.name for s in ex.program.steps if s.fast is not None}
+    fast = {s.name for s in ex.describe().steps if s.fused}
     assert {"fc1", "fc2", "scaled_tanh"} <= fast and "wavy" not in fast, fast
     x = torch.randn(5, 6, dtype=torch.float64)
     torch.testing.assert_close(ex(x, target=0).relevance,
