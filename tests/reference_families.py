@@ -22,6 +22,7 @@ Every model is float64 unless a test says otherwise.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -521,3 +522,161 @@ def tiny_deberta_v2(seed: int = 0, **overrides: Any) -> Any:
               initializer_range=0.2)
     kw.update(overrides)
     return _build(DebertaV2ForSequenceClassification, DebertaV2Config(**kw), seed, None)
+
+
+# --------------------------------------------------------------------------- T5
+
+
+def _t5_buckets(rel: Tensor, bidirectional: bool, num_buckets: int,
+                max_distance: int) -> Tensor:
+    """T5's relative position buckets (exact below half the buckets, log-spaced above)."""
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    exact = num_buckets // 2
+    large = exact + (torch.log(rel.float() / exact) / math.log(max_distance / exact)
+                     * (num_buckets - exact)).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(rel < exact, rel, large)
+
+
+def _t5_bias(sd: dict[str, Tensor], stack: str, cfg: Any, T: int) -> Tensor:
+    rel = torch.arange(T)[None, :] - torch.arange(T)[:, None]
+    b = _t5_buckets(rel, stack == "encoder", cfg.relative_attention_num_buckets,
+                    cfg.relative_attention_max_distance)
+    W = sd[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    return W[b].permute(2, 0, 1)[None]  # (1, H, T, T)
+
+
+def _t5_norm(h: Tensor, w: Tensor, eps: float) -> Tensor:
+    """T5LayerNorm: the mean square in float32, applied to the float64 h."""
+    return w * (h * torch.rsqrt(h.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps))
+
+
+def t5_forward(model: Any, ids: Tensor, dec: Tensor, attention_mask: Tensor) -> Any:
+    """Every intermediate of T5ForConditionalGeneration (relu feed-forward, unscaled
+    scores, relative position biases, the decoder's output scaled by d_model^-0.5)."""
+    ra, cfg, sd = _ra(), model.config, _sd(model)
+    H, e = cfg.num_heads, cfg.layer_norm_epsilon
+    T, S = ids.shape[1], dec.shape[1]
+    pad = ra.padding_mask(attention_mask)
+    t = ra.Tape(enc=[], dec=[])
+
+    def attention(p: str, x: Tensor, kv: Tensor, mask: Tensor) -> Any:
+        A = ra.Tape(x=x, kv=kv)
+        A.q = ra.linear(x, sd[p + "q.weight"])
+        A.k = ra.linear(kv, sd[p + "k.weight"])
+        A.v = ra.linear(kv, sd[p + "v.weight"])
+        A.att = ra.attn_forward(ra.heads(A.q, H), ra.heads(A.k, H), ra.heads(A.v, H), 1.0,
+                                mask, False)
+        A.o_in = ra.merge(A.att.O)
+        A.o = ra.linear(A.o_in, sd[p + "o.weight"])
+        return A
+
+    def ff(p: str, x: Tensor) -> Any:
+        F_ = ra.Tape(x=x, f=ra.linear(x, sd[p + "DenseReluDense.wi.weight"]))
+        F_.a = torch.relu(F_.f)
+        F_.y = ra.linear(F_.a, sd[p + "DenseReluDense.wo.weight"])
+        return F_
+
+    h = sd["shared.weight"][ids]
+    mask = _t5_bias(sd, "encoder", cfg, T) + pad
+    for i in range(cfg.num_layers):
+        p = f"encoder.block.{i}.layer."
+        L = ra.Tape(h_in=h)
+        L.n1 = _t5_norm(h, sd[p + "0.layer_norm.weight"], e)
+        L.sa = attention(p + "0.SelfAttention.", L.n1, L.n1, mask)
+        L.s1 = h + L.sa.o
+        L.n2 = _t5_norm(L.s1, sd[p + "1.layer_norm.weight"], e)
+        L.ff = ff(p + "1.", L.n2)
+        h = L.h_out = L.s1 + L.ff.y
+        t.enc.append(L)
+    t.enc_h = h
+    t.enc_out = _t5_norm(h, sd["encoder.final_layer_norm.weight"], e)
+    g = sd["shared.weight"][dec]
+    causal = ra.causal_mask(S)[None, None]
+    self_mask = _t5_bias(sd, "decoder", cfg, S) + causal
+    for i in range(cfg.num_decoder_layers):
+        p = f"decoder.block.{i}.layer."
+        L = ra.Tape(g_in=g)
+        L.n1 = _t5_norm(g, sd[p + "0.layer_norm.weight"], e)
+        L.sa = attention(p + "0.SelfAttention.", L.n1, L.n1, self_mask)
+        L.s1 = g + L.sa.o
+        L.n2 = _t5_norm(L.s1, sd[p + "1.layer_norm.weight"], e)
+        L.ca = attention(p + "1.EncDecAttention.", L.n2, t.enc_out, pad)
+        L.s2 = L.s1 + L.ca.o
+        L.n3 = _t5_norm(L.s2, sd[p + "2.layer_norm.weight"], e)
+        L.ff = ff(p + "2.", L.n3)
+        g = L.g_out = L.s2 + L.ff.y
+        t.dec.append(L)
+    t.dec_h = g
+    t.dec_out = _t5_norm(g, sd["decoder.final_layer_norm.weight"], e) * cfg.d_model ** -0.5
+    t.logits = ra.linear(t.dec_out, sd["lm_head.weight"])
+    return t
+
+
+def t5_relevance(model: Any, ids: Tensor, dec: Tensor, attention_mask: Tensor,
+                 token: int = 0, epsilon: float = 0.0, stabilizer: float = 0.0) -> Tensor:
+    """Relevance (B, T, D) at the encoder's token embeddings of the decoder's last logit
+    of `token`. The decoder's own tokens are constants: what depends on them alone (its
+    first self-attention) takes no relevance, their share of a sum is dropped, and the
+    first cross-attention's queries are constant, so its scores pass relevance to the
+    keys whole (a product with a constant factor) rather than half. The relative
+    position bias is a constant summand of the scores, taking its share."""
+    ra, cfg, sd = _ra(), model.config, _sd(model)
+    H = cfg.num_heads
+    t = t5_forward(model, ids, dec, attention_mask)
+    B, S = dec.shape
+    R = ra.start(t.logits, (torch.arange(B), torch.full((B,), S - 1), torch.full((B,), token)))
+    R = ra.rel_linear(t.dec_out, sd["lm_head.weight"], t.logits, R, epsilon)  # scale, norm: id
+
+    def ff_back(p: str, F_: Any, R_y: Tensor) -> Tensor:
+        R_a = ra.rel_linear(F_.a, sd[p + "DenseReluDense.wo.weight"], F_.y, R_y, epsilon)
+        return ra.rel_linear(F_.x, sd[p + "DenseReluDense.wi.weight"], F_.f, R_a, epsilon)
+
+    def attn_back(p: str, A: Any, R_o: Tensor, constant_query: bool) -> tuple[Tensor, Tensor]:
+        """(relevance at the query input, at the key/value input)."""
+        R_oin = ra.rel_linear(A.o_in, sd[p + "o.weight"], A.o, R_o, epsilon)
+        c = A.att
+        R_A, R_v = ra.rel_matmul(c.A, c.v, c.O, ra.heads(R_oin, H))
+        R_x = ra.rel_softmax(c.x, c.A, R_A)
+        # the position bias (and the mask) a constant summand: its share dropped
+        R_z = ra.rel_sum([c.z], c.x, R_x, stabilizer)[0]
+        if constant_query:
+            R_q, R_kT = torch.zeros_like(c.q), c.kT * (c.q.transpose(-1, -2) @ ra.safe_div(
+                R_z, c.z))
+        else:
+            R_q, R_kT = ra.rel_matmul(c.q, c.kT, c.z, R_z)
+        R_kv = (ra.rel_linear(A.kv, sd[p + "k.weight"], A.k,
+                              ra.merge(R_kT.transpose(-1, -2)), epsilon)
+                + ra.rel_linear(A.kv, sd[p + "v.weight"], A.v, ra.merge(R_v), epsilon))
+        return ra.rel_linear(A.x, sd[p + "q.weight"], A.q, ra.merge(R_q), epsilon), R_kv
+
+    R_enc = torch.zeros_like(t.enc_out)
+    for i in reversed(range(cfg.num_decoder_layers)):
+        p, L = f"decoder.block.{i}.layer.", t.dec[i]
+        first = i == 0  # its input, the decoder's embeddings, is constant
+        R_s2, R_ff = ra.rel_sum([L.s2, L.ff.y], L.g_out, R, stabilizer)
+        R_s2 = R_s2 + ff_back(p + "2.", L.ff, R_ff)  # norm: identity
+        R_s1, R_ca = ra.rel_sum([L.s1, L.ca.o], L.s2, R_s2, stabilizer)
+        R_n2, R_kv = attn_back(p + "1.EncDecAttention.", L.ca, R_ca, constant_query=first)
+        R_enc = R_enc + R_kv
+        if first:
+            break  # s1 = embeddings + self-attention of them: constant, its share dropped
+        R_s1 = R_s1 + R_n2
+        R_g, R_sa = ra.rel_sum([L.g_in, L.sa.o], L.s1, R_s1, stabilizer)
+        R_n1q, R_n1kv = attn_back(p + "0.SelfAttention.", L.sa, R_sa, constant_query=False)
+        R = R_g + R_n1q + R_n1kv
+    R = R_enc  # the encoder's final norm: identity
+    for i in reversed(range(cfg.num_layers)):
+        p, L = f"encoder.block.{i}.layer.", t.enc[i]
+        R_s1, R_ff = ra.rel_sum([L.s1, L.ff.y], L.h_out, R, stabilizer)
+        R_s1 = R_s1 + ff_back(p + "1.", L.ff, R_ff)
+        R_h, R_sa = ra.rel_sum([L.h_in, L.sa.o], L.s1, R_s1, stabilizer)
+        R_q, R_kv = attn_back(p + "0.SelfAttention.", L.sa, R_sa, constant_query=False)
+        R = R_h + R_q + R_kv
+    return R
