@@ -85,6 +85,41 @@ def test_eager_and_sdpa_give_the_same_relevance() -> None:
     torch.testing.assert_close(a.relevance, b.relevance, rtol=0, atol=1e-9)
 
 
+class ProbeAttention(torch.nn.Module):
+    """Cross-attention from a learned probe (a constant query, as SigLIP's pooling head
+    and a decoder's constant tokens give): SDPA, or the same written out with matmuls."""
+
+    def __init__(self, sdpa: bool, d: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.sdpa, self.probe = sdpa, torch.nn.Parameter(torch.randn(1, 1, d))
+        self.k, self.v = torch.nn.Linear(d, d, bias=False), torch.nn.Linear(d, d, bias=False)
+        self.head = torch.nn.Linear(d, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.probe.expand(x.shape[0], 1, -1), self.k(x), self.v(x)
+        if self.sdpa:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            scores = q @ k.transpose(-1, -2) / k.shape[-1] ** 0.5
+            out = torch.softmax(scores, -1) @ v
+        return self.head(out[:, 0])
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "cp_lrp"])
+def test_sdpa_with_a_constant_query_equals_its_written_out_twin(composite: str) -> None:
+    """A product with one constant factor is linear in the other: with a constant query
+    the keys take all of the scores' relevance (before: a quarter, half of it lost)."""
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    sdpa, eager = (relprop.Explainer(ProbeAttention(s).double().eval(), composite,
+                                     stabilizer=0.0) for s in (True, False))
+    a, b = sdpa(x, target=1, record=True), eager(x, target=1, record=True)
+    torch.testing.assert_close(a.relevance, b.relevance, rtol=0, atol=1e-12)
+    # only the softmax's Taylor rule leaks, and the ledger books it
+    gap = a.explained - a.relevance.sum((1, 2))
+    torch.testing.assert_close(a.ledger.totals()["leaked"], gap, rtol=1e-9, atol=1e-12)
+
+
 def test_next_token_targets_and_positions() -> None:
     model = ref.tiny_llama(0, "sdpa")
     expl = relprop.Explainer(model, "attnlrp")

@@ -79,17 +79,29 @@ class AttentionRule:
         A constant mask that is exactly the causal one (a traced model builds it
         explicitly) runs as `is_causal=True`: the kernel then skips the masked half
         and keeps no mask for its backward; the values are the same."""
-        if self.weights_constant:
-            qk, vs = 0.0, 1.0
-        else:
-            qk, vs = self.operand_share * self.operand_share, self.operand_share
+        shares = self.attention_shares(q.requires_grad, k.requires_grad, v.requires_grad)
         if attn_mask is not None and not is_causal and not attn_mask.requires_grad and \
                 is_causal_mask(attn_mask, q.shape[-2], k.shape[-2]):
             attn_mask, is_causal = None, True
-        return F.scaled_dot_product_attention(scaled(q, qk), scaled(k, qk), scaled(v, vs),
+        return F.scaled_dot_product_attention(*(scaled(t, f) for t, f in zip((q, k, v), shares,
+                                                                             strict=True)),
                                               attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
+
+    def attention_shares(self, q: bool, k: bool, v: bool) -> tuple[float, float, float]:
+        """The gradient factors at q, k and v, given which of them depend on the input.
+
+        softmax(q k^T) v is two products; a product with one constant factor is linear in
+        the other, which takes all of its relevance (as the same product written out with
+        matmuls is explained): a constant query (a learned probe, a decoder's constant
+        tokens in cross-attention) leaves the keys the whole of the scores' share."""
+        if self.weights_constant:
+            return 0.0, 0.0, 1.0
+        half = self.operand_share
+        weights = half if v else 1.0  # of A v, the weights' share
+        return (weights * (half if k else 1.0), weights * (half if q else 1.0),
+                half if (q or k) else 1.0)
 
     def softmax(self, fn: Any) -> Any:
         """The callable of an attention softmax: AttnLRP's Taylor rule at its input is the
@@ -104,10 +116,15 @@ class AttentionRule:
     def product(self, fn: Any, a: Tensor, b: Tensor, *args: Any, weights: int | None = None,
                 **kwargs: Any) -> Tensor:
         """fn(a, b) for a bilinear fn (matmul, element-wise mul) of two activations;
-        `weights`: which operand (0, 1) holds attention weights, if one does."""
+        `weights`: which operand (0, 1) holds attention weights, if one does. An operand
+        that turns out constant (made from parameters and the input's shape only, such as
+        a learned probe expanded to the batch) leaves the other all of the relevance: the
+        product is linear in it."""
         shares = [self.operand_share, self.operand_share]
         if self.weights_constant and weights is not None:
             shares[weights], shares[1 - weights] = 0.0, 1.0
+        elif not a.requires_grad or not b.requires_grad:
+            shares = [1.0, 1.0]
         return fn(scaled(a, shares[0]), scaled(b, shares[1]), *args, **kwargs)
 
 
