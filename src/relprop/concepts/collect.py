@@ -14,58 +14,33 @@ merges the shards into references.safetensors at the end.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..composites import Composite
-from ..dataset.distributed import join_group, pick_device
-from ..dataset.images import Indexed, class_names, sample_paths
-from ..dataset.manifest import (
-    FORMAT,
-    check_run,
-    data_fingerprint,
-    jsonable,
-    model_fingerprint,
-    run_id,
-    write_manifest,
-    write_run,
-)
-from ..dataset.run import _prepare_folder, _target_spec
-from ..dataset.shards import (
-    ShardWriter,
-    encode_shard,
-    read_header,
-    shard_name,
-    stale_temps,
-    write_atomic,
-)
+from ..dataset import job as pipeline  # explain_dataset's: set-up, resume, shard loop
+from ..dataset.distributed import Group
+from ..dataset.images import class_names
+from ..dataset.job import Rows, ShardSummary
+from ..dataset.manifest import write_manifest
+from ..dataset.shards import encode_shard, shard_name, write_atomic
 from ..errors import RelpropError
 from ..explain import DEFAULT_COMPOSITE, Explainer
-from ..progress import Progress
 from .relevance import capture
 
 MEASURES = ("relevance", "relevance_max", "activation", "activation_max")
 REFERENCES_FILE = "references.safetensors"
 
 
-@dataclass
-class CollectSummary:
+class CollectSummary(ShardSummary):
     """What this process did (as explain_dataset's RunSummary)."""
-
-    out_dir: Path
-    shards_written: list[int] = field(default_factory=list)
-    shards_skipped: list[int] = field(default_factory=list)
-    samples_written: int = 0
-    seconds: float = 0.0
-    loop_seconds: float = 0.0
 
 
 class TopN:
@@ -129,18 +104,12 @@ def collect(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: str 
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
         raise RelpropError("name at least one layer")
-    for name, value in (("n", n), ("batch_size", batch_size), ("shard_size", shard_size)):
-        if not isinstance(value, int) or value < 1:
-            raise RelpropError(f"{name}={value!r}: must be a positive integer")
-    job = _Job(names, n, _target_spec(target), batch_size, num_workers, shard_size,
+    pipeline.check_positive(n=n, batch_size=batch_size, shard_size=shard_size)
+    job = _Job(names, n, pipeline.target_spec(target), batch_size, num_workers, shard_size,
                normalize, progress)
-    dev = pick_device(device)
-    group = join_group(dev)
-    try:
-        return job.run(model, dataset, Path(out), composite, params, dev, group,
-                       model_name or type(model).__name__)
-    finally:
-        group.close()
+    return pipeline.in_group(device, lambda dev, group: job.run(
+        model, dataset, Path(out), composite, params, dev, group,
+        model_name or type(model).__name__))
 
 
 @dataclass
@@ -155,124 +124,43 @@ class _Job:
     progress: bool
 
     def run(self, model: nn.Module, dataset: Dataset, out: Path, composite: str | Composite,
-            params: dict[str, Any], dev: torch.device, group: Any, name: str) -> CollectSummary:
+            params: dict[str, Any], dev: torch.device, group: Group,
+            name: str) -> CollectSummary:
         start = time.perf_counter()
-        _prepare_folder(out)
-        total = len(dataset)  # type: ignore[arg-type]
-        if total == 0:
-            raise RelpropError("the dataset is empty")
-        paths = sample_paths(dataset)
-        if paths is not None and len(paths) != total:
-            paths = None
-        param = next(model.parameters(), None)
-        if param is not None and param.device != dev:
-            model.to(dev)
-        explainer = Explainer(model, composite, **params)
-        config: dict[str, Any] = {
-            "format": FORMAT, "model": name, "model_fingerprint": model_fingerprint(model),
-            "composite": explainer.composite.describe(), "params": jsonable(params),
-            "target": self.target, "dtype": "float32", "shard_size": self.shard_size,
-            "store": {"kind": "concepts", "layers": self.layers, "n": self.n,
-                      "normalize": self.normalize},
-            "num_samples": total, "data_fingerprint": data_fingerprint(paths)}
-        from .. import __version__
-
-        config.update(run_id=run_id(config), relprop_version=__version__)
-        check_run(out, config)
-        if group.local_rank == 0:
-            write_run(out, config)
-        group.barrier()
         summary = CollectSummary(out)
-        rows: list[dict[str, Any]] = []
-        todo = []
-        for k in group.shards(math.ceil(total / self.shard_size)):
-            for tmp in stale_temps(out, shard_name(k)):
-                tmp.unlink(missing_ok=True)
-            done = self._finished(out / shard_name(k), k, total, config["run_id"])
-            if done is None:
-                todo.append(k)
-            else:
-                rows += done
-                summary.shards_skipped.append(k)
-        loop = time.perf_counter()
-        self._pass(explainer, dataset, out, todo, total, dev, group, config["run_id"], rows,
-                   summary)
-        summary.loop_seconds = time.perf_counter() - loop
-        gathered = group.gather(rows)
-        if gathered is not None:
-            every = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
-            if len(every) != total:
-                raise RelpropError(f"{len(every)} of {total} samples were seen; run again")
+        settings = {"target": self.target, "dtype": "float32", "shard_size": self.shard_size,
+                    "store": {"kind": "concepts", "layers": self.layers, "n": self.n,
+                              "normalize": self.normalize}}
+        run = pipeline.start_run(model, dataset, out, composite, params, dev, group, name,
+                                 settings, lambda k, meta, t: _rows(k, t), summary)
+        shard = _Shard(self.layers, self.n)
+
+        def add(index: Tensor, x: Tensor, label: Tensor) -> None:
+            shard.add(*self._batch(run.explainer, index, x, label, dev))
+
+        def finish(k: int) -> tuple[dict[str, Tensor], dict[str, str], Rows]:
+            nonlocal shard
+            tensors, meta = shard.tensors(), {"layers": json.dumps(shard.meta)}
+            shard = _Shard(self.layers, self.n)
+            return tensors, meta, _rows(k, tensors)
+
+        run.explain_shards(self.batch_size, self.num_workers, self.progress, add, finish,
+                           summary)
+        every = run.gather("seen")
+        if every is not None:
             extra = self._merge(out, sorted({r["shard"] for r in every}))
             extra["classes"] = class_names(dataset)
-            extra["paths"] = paths
-            write_manifest(out, config, every, extra)
+            extra["paths"] = run.paths
+            write_manifest(out, run.config, every, extra)
         group.barrier()
         summary.seconds = time.perf_counter() - start
         return summary
 
-    def _finished(self, path: Path, k: int, total: int, rid: str
-                  ) -> list[dict[str, Any]] | None:
-        if not path.exists():
-            return None
-        try:
-            meta, t = read_header(path)
-        except Exception:
-            path.unlink(missing_ok=True)
-            return None
-        if meta.get("run_id") != rid:
-            raise RelpropError(f"{path} was written by another run; use another output folder")
-        lo = k * self.shard_size
-        if t["index"].tolist() != list(range(lo, min(total, lo + self.shard_size))):
-            path.unlink(missing_ok=True)
-            return None
-        return _rows(k, t)
-
-    def _pass(self, explainer: Explainer, dataset: Dataset, out: Path, todo: list[int],
-              total: int, dev: torch.device, group: Any, rid: str, rows: list[dict[str, Any]],
-              summary: CollectSummary) -> None:
-        S = self.shard_size
-        batches = [list(range(b, min(b + self.batch_size, min(total, k * S + S))))
-                   for k in todo for b in range(k * S, min(total, k * S + S), self.batch_size)]
-        if not batches:
-            return
-        loader = DataLoader(Indexed(dataset), batch_sampler=batches,
-                            num_workers=self.num_workers, pin_memory=dev.type == "cuda")
-        bar = Progress(sum(len(b) for b in batches), self.progress and group.rank == 0,
-                       f"rank 0 of {group.world}: " if group.active else "")
-        writer = ShardWriter(out)
-        shard = _Shard(self.layers, self.n)
-        try:
-            for index, x, label in loader:
-                shard.add(*self._batch(explainer, index, x, label, dev))
-                k = int(index[0]) // S
-                if int(index[-1]) == min(total, k * S + S) - 1:
-                    tensors = shard.tensors()
-                    writer.submit(k, tensors, {"run_id": rid, "shard": str(k),
-                                               "layers": json.dumps(shard.meta)})
-                    rows += _rows(k, tensors)
-                    summary.shards_written.append(k)
-                    summary.samples_written += len(tensors["index"])
-                    shard = _Shard(self.layers, self.n)
-                bar.update(len(index))
-        except BaseException:
-            writer.close(raise_errors=False)
-            bar.close()
-            raise
-        writer.close()
-        bar.close()
-
     def _batch(self, explainer: Explainer, index: Tensor, x: Tensor, label: Tensor,
                dev: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, dict]:
         x = x.to(dev, non_blocking=True)
-        if self.target == "label":
-            if (label < 0).any():
-                raise RelpropError(f"target='label', but sample {int(index[label < 0][0])} "
-                                   "has no label")
-            target: Any = label.to(dev)
-        else:
-            target = None if self.target == "pred" else self.target
-        got = capture(explainer, (x,), target, self.layers)
+        got = capture(explainer, (x,), pipeline.batch_target(self.target, index, label, dev),
+                      self.layers)
         stats = {}
         for key, site in got.sites.items():
             gate = got.gates[site.step]

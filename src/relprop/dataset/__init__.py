@@ -2,7 +2,8 @@
 
 explain_dataset writes safetensors shards and a manifest; load_explanations reads them
 back lazily. Modules: store (what is kept), shards (atomic files), manifest (run identity),
-distributed (the split by rank), images (image files and folders as datasets), run, reader.
+distributed (the split by rank), images (image files and folders as datasets), job (a
+run's set-up, resume scan and shard loop, shared with relprop.concepts.collect), run, reader.
 The `relprop explain-dataset` command is relprop.apps.dataset_cli.
 """
 
