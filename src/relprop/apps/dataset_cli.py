@@ -12,21 +12,24 @@ import sys
 from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RelpropError
+
+if TYPE_CHECKING:
+    from ..dataset.images import ImageFiles
 
 
 def add_parser(sub: argparse._SubParsersAction,
                model_options: Callable[[argparse.ArgumentParser, bool], None]) -> None:
     """The subcommand, with the --model / --weights / --size / --no-normalize options of
     `relprop explain` (model_options adds them)."""
-    p = sub.add_parser(
-        "explain-dataset", help="explain every image of a folder into resumable shards",
+    p = folder_command(
+        sub, model_options, "explain-dataset",
+        help="explain every image of a folder into resumable shards",
         description="Explain every image of a folder (flat, or one sub-folder per class "
         "like ImageFolder) into safetensors shards plus manifest.json. Running it again "
         "resumes; under torchrun the ranks share the work.")
-    p.add_argument("folder", help="folder of images, or of class sub-folders of images")
-    model_options(p, True)
     p.add_argument("--out", type=Path, required=True, help="output folder for the shards")
     p.add_argument("--composite", default="epsilon_gamma_box",
                    help="composite name (default epsilon_gamma_box)")
@@ -45,9 +48,22 @@ def add_parser(sub: argparse._SubParsersAction,
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args: Namespace) -> None:
+def folder_command(sub: argparse._SubParsersAction,
+                   model_options: Callable[[argparse.ArgumentParser, bool], None], name: str,
+                   **kw: str) -> argparse.ArgumentParser:
+    """A subcommand over a folder of images, with the folder and model options load_folder
+    reads (--target is added by each command, where its --help lists it)."""
+    p = sub.add_parser(name, **kw)
+    p.add_argument("folder", help="folder of images, or of class sub-folders of images")
+    model_options(p, True)
+    return p
+
+
+def load_folder(args: Namespace) -> tuple[Any, ImageFiles, int | str]:
+    """The model, the image folder and the target (--target) of a command over a folder
+    (explain-dataset, collect-concepts), loaded as `relprop explain` loads them, so the
+    commands agree on models, preprocessing and what a target may be."""
     from ..dataset.images import ImageFiles
-    from ..dataset.run import explain_dataset
     from .explain_cli import preprocessing_for
     from .loading import load
 
@@ -56,11 +72,17 @@ def run(args: Namespace) -> None:
         if not str(target).isdigit():
             raise RelpropError(f"--target {target!r}: use 'pred', 'label' or a class index")
         target = int(target)
-    loaded = load(args.model, args.weights)  # as `relprop explain` loads it
+    loaded = load(args.model, args.weights)
     dataset = ImageFiles(args.folder, preprocessing=preprocessing_for(loaded, args))
     if target == "label" and not dataset.classes:
         raise RelpropError(f"--target label needs class sub-folders in {args.folder}")
-    model = loaded.model
+    return loaded.model, dataset, target
+
+
+def run(args: Namespace) -> None:
+    from ..dataset.run import explain_dataset
+
+    model, dataset, target = load_folder(args)
     low, high = dataset.bounds
     summary = explain_dataset(
         model, dataset, args.out, args.composite, target=target, batch_size=args.batch_size,

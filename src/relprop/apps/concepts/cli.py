@@ -11,17 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...errors import RelpropError
+from ..dataset_cli import folder_command
 
 
 def add_parsers(sub: argparse._SubParsersAction,
                 model_options: Callable[[argparse.ArgumentParser, bool], None]) -> None:
-    c = sub.add_parser(
-        "collect-concepts", help="reference samples per channel over a folder of images",
+    c = folder_command(
+        sub, model_options, "collect-concepts",
+        help="reference samples per channel over a folder of images",
         description="One pass over a folder of images (flat or one sub-folder per class): "
         "per channel of each layer, the samples with the most relevance (sum and max over "
         "positions) and activation. Resumable; under torchrun the ranks share the work.")
-    c.add_argument("folder", help="folder of images, or of class sub-folders of images")
-    model_options(c, True)
     c.add_argument("--layers", nargs="+", required=True,
                    help="layers by module path (features.28) or graph node name")
     c.add_argument("--out", type=Path, required=True, help="output folder")
@@ -53,19 +53,11 @@ def add_parsers(sub: argparse._SubParsersAction,
 
 def run_collect(args: Namespace) -> None:
     from ...concepts.collect import collect
-    from ...dataset.images import ImageFiles
-    from ..explain_cli import preprocessing_for
-    from ..loading import load
+    from ..dataset_cli import load_folder
 
-    target: int | str = args.target
-    if target not in ("pred", "label"):
-        if not str(target).isdigit():
-            raise RelpropError(f"--target {target!r}: use 'pred', 'label' or a class index")
-        target = int(target)
-    loaded = load(args.model, args.weights)
-    dataset = ImageFiles(args.folder, preprocessing=preprocessing_for(loaded, args))
+    model, dataset, target = load_folder(args)
     low, high = dataset.bounds
-    summary = collect(loaded.model, dataset, args.layers, args.out, args.composite, n=args.n,
+    summary = collect(model, dataset, args.layers, args.out, args.composite, n=args.n,
                       target=target, batch_size=args.batch_size, num_workers=args.workers,
                       shard_size=args.shard_size, device=args.device,
                       progress=not args.quiet, model_name=args.model, low=low, high=high)
