@@ -91,7 +91,7 @@ def test_one_progress_bar_for_explain_and_explain_dataset(capsys):
     from relprop.progress import Progress
 
     explain_module = importlib.import_module("relprop.explain")  # relprop.explain: the function
-    assert importlib.import_module("relprop.dataset.run").Progress is Progress
+    assert importlib.import_module("relprop.dataset.job").Progress is Progress
     assert not [name for name in vars(explain_module) if "progress" in name.lower()]
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
     relprop.explain(model, torch.randn(5, 4), target=0, batch_size=2, progress=True)

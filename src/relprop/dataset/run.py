@@ -22,7 +22,6 @@ from torch.utils.data import Dataset
 from ..composites import Composite
 from ..errors import RelpropError
 from ..explain import Explainer
-from ..progress import Progress  # noqa: F401  (the bar drawn by Run.explain_shards)
 from .distributed import Group
 from .images import class_names
 from .job import (
