@@ -220,18 +220,12 @@ class Explainer:
         leaves = tuple(t.detach().to(compute or t.dtype).clone().requires_grad_(True)
                        if t.is_floating_point() else t for t in inputs)
         run = program.run(list(leaves), record=record, dtype=compute, keywords=forward_kwargs)
-        output = targets.logits(run.output)
-        flat = targets.flat(output, inputs[0].shape[0])
-        position = targets.default_position(self.model, output, position)
-        if position is not None and output_relevance is None:
-            target = targets.at_position(target, output, position)
-        index, multi = targets.resolve(target, output, output_relevance)
-        seeds = targets.seeds(flat, index, start, output_relevance)  # (K, B, N)
-        explained = (seeds * flat.detach()).sum(-1).T  # (B, K)
-        relevance, layers, ledger = _backward(program, run, leaves, flat, seeds, explained,
-                                              record)
-        return _explanation(self.composite, inputs, output, index, explained, relevance,
-                            layers, ledger, multi, half)
+        s = targets.seeding(self.model, run.output, inputs[0].shape[0], target,
+                            output_relevance, start, position, inputs[0])
+        relevance, layers, ledger = _backward(program, run, leaves, s.flat, s.seeds,
+                                              s.explained, record)
+        return _explanation(self.composite, inputs, s.output, s.index, s.explained, relevance,
+                            layers, ledger, s.multi, half)
 
     def _explain_chunked(self, inputs: tuple[Tensor, ...], target: Target,
                          output_relevance: Tensor | None, start: str, record: bool,

@@ -8,7 +8,9 @@ the Explainer so that every target form can be tested without a model:
 - `at_position`: class targets of a sequence output (B, T, V) at one position;
 - `resolve`: any target form as (B, K) indices into the flattened output;
 - `seeds`: the starting gradient c at the output for each target (relevance = c * output);
-- `chunk`: the targets of a slice of the batch.
+- `chunk`: the targets of a slice of the batch;
+- `seeding`: all of the above in order, from a model's output to the seeds and the
+  explained values (what every backward pass of relprop starts from).
 
 Captum's convention: an int (or a tuple indexing a multi-dimensional output) for every
 sample; a list, or a 1-d tensor, of B entries: one per sample; a (B, K) or (1, K)
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -256,3 +259,34 @@ def _per_sample(t: Tensor, batch: int, multi: bool, given: Any) -> Tensor:
     if t.shape[0] not in (1, batch):
         raise TargetError(f"target has shape {tuple(t.shape)}; expected ({batch}, K) or (1, K)")
     return t.expand(batch, -1)
+
+
+@dataclass(frozen=True)
+class Seeding:
+    """Where a backward pass starts: the explained tensor, as (B, N), the targets' indices
+    into it (B, K), whether K maps per sample were asked, the seeds (K, B, N) and the
+    relevance put at the output (B, K)."""
+
+    output: Tensor
+    flat: Tensor
+    index: Tensor
+    multi: bool
+    seeds: Tensor
+    explained: Tensor
+
+
+def seeding(model: nn.Module, output: Any, batch: int, target: Target,
+            output_relevance: Tensor | None = None, start: str = "value",
+            position: int | None = None, explained_input: Tensor | None = None) -> Seeding:
+    """How a target becomes the start of a backward pass, in one place: the tensor to
+    explain (`logits`), the class targets at the generating position of a causal LM
+    (`default_position`, `at_position`), their indices (`resolve`) and seeds (`seeds`)."""
+    out = logits(output, explained_input)
+    rows = flat(out, batch)
+    position = default_position(model, out, position)
+    if position is not None and output_relevance is None:
+        target = at_position(target, out, position)
+    index, multi = resolve(target, out, output_relevance)
+    start_grads = seeds(rows, index, start, output_relevance)  # (K, B, N)
+    explained = (start_grads * rows.detach()).sum(-1).T  # (B, K)
+    return Seeding(out, rows, index, multi, start_grads, explained)

@@ -128,15 +128,12 @@ class _Conditional:
     def explain(self, cond: Condition, target: Target, output_relevance: Tensor | None,
                 start: str, position: int | None) -> ConditionalExplanation:
         B, G = self.B, self.G
-        output = targets.logits(self.run.output)
-        self.flat = targets.flat(output, G * B)
-        out_b = output[:B]
-        position = targets.default_position(self.explainer.model, out_b, position)
-        if position is not None and output_relevance is None:
-            target = targets.at_position(target, out_b, position)
-        index, multi = targets.resolve(target, out_b, output_relevance)
-        self.seeds = targets.seeds(self.flat[:B], index, start, output_relevance)  # (T, B, N)
-        explained = (self.seeds * self.flat[:B].detach()).sum(-1).T  # (B, T)
+        output = targets.logits(self.run.output, self.inputs[0])
+        self.flat = targets.flat(output, G * B)  # G copies of the batch, one per concept group
+        s = targets.seeding(self.explainer.model, output[:B], B, target, output_relevance,
+                            start, position)
+        index, multi, explained = s.index, s.multi, s.explained
+        self.seeds = s.seeds  # (T, B, N)
         T = self.seeds.shape[0]
         first = next(iter(self.gates.values()))
         assert first.value is not None

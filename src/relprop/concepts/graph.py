@@ -105,10 +105,9 @@ def graph(explainer: Explainer, x: Tensor, target: Target = None, *, layer: str,
         leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
                   for t in inputs]
         run = program.run(leaves, conditions=dict(gates))
-        output = targets.logits(run.output)
-        flat = targets.flat(output, 1)
-        index, _ = targets.resolve(target, output, None)
-        seed = targets.seeds(flat, index, "value", None)[0]
+        s = targets.seeding(explainer.model, run.output, 1, target,
+                            explained_input=inputs[0])
+        flat, seed = s.flat, s.seeds[0]
         top = gates[sites[0].step]
         c_top = list(torch.autograd.grad(flat, top.outputs, seed, retain_graph=True,
                                          allow_unused=True))

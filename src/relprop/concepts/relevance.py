@@ -117,14 +117,9 @@ def capture(explainer: Explainer, inputs: tuple[Tensor, ...], target: Target,
                   if t.is_floating_point() else t for t in inputs]
         run = program.run(leaves, dtype=torch.float32 if half else None, keywords=keywords,
                           conditions=dict(gates))
-        output = targets.logits(run.output)
-        flat = targets.flat(output, inputs[0].shape[0])
-        position = targets.default_position(explainer.model, output, position)
-        if position is not None and output_relevance is None:
-            target = targets.at_position(target, output, position)
-        index, multi = targets.resolve(target, output, output_relevance)
-        seeds = targets.seeds(flat, index, start, output_relevance)
-        explained = (seeds * flat.detach()).sum(-1).T
+        s = targets.seeding(explainer.model, run.output, inputs[0].shape[0], target,
+                            output_relevance, start, position, inputs[0])
+        flat, seeds, explained, multi, index = s.flat, s.seeds, s.explained, s.multi, s.index
         wanted = [t for g in gates.values() for t in g.outputs]
         grads = []
         for k in range(seeds.shape[0]):
@@ -139,7 +134,7 @@ def capture(explainer: Explainer, inputs: tuple[Tensor, ...], target: Target,
     for gate in gates.values():  # keep the values, not the graph
         gate.value = None if gate.value is None else gate.value.detach()
         gate.wrapped = gate.wrapped_shadow = None
-    return Captured(sites, gates, grads, explained.detach(), index, output.detach(), multi)
+    return Captured(sites, gates, grads, explained.detach(), index, s.output.detach(), multi)
 
 
 def _grouped(gate: SiteGate, c: list[Tensor | None], concepts: Any) -> Tensor:

@@ -131,6 +131,11 @@ def is_view(node: fx.Node) -> bool:
         return any(r.alias_info is not None and not r.alias_info.is_write
                    for r in node.target._schema.returns)
     op = meaning(node)
+    if op is not None and op.name == "getitem" and node.args and \
+            isinstance(node.args[0], fx.Node):
+        source = meaning(node.args[0])
+        if source is not None and source.selects:
+            return False  # an element of topk's / sort's result tuple: a new tensor
     return op is not None and op.view
 
 

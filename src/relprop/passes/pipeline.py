@@ -14,6 +14,8 @@ from .inplace import out_of_place
 from .masks import wrapped_attention_masks
 from .outputs import structured_output
 from .padding import normalize_padding
+from .routing import hold_choices, hold_routers
+from .scan import hold_selection
 from .transformer import (
     attention_weights,
     collapse_leaf_modules,
@@ -42,6 +44,9 @@ def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
     linear_products(graph, root)
     scaled_products(graph)
     grouped_query(graph)
+    hold_choices(graph)  # discrete results; then MoE routers and Mamba's scan parameters
+    hold_routers(graph)
+    hold_selection(graph)
     hold_statistics(graph)
     dynamic = mark_dynamic(graph, constants, index_inputs)
     normalize_layer_arguments(graph, root, dynamic)

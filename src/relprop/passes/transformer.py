@@ -109,13 +109,8 @@ def _is_parameter(node: Any, root: nn.Module, dims: int | None = None) -> bool:
 
 
 def hold_statistics(graph: fx.Graph) -> set[fx.Node]:
-    """Normalisers that only scale activations, marked to be held constant; and the held
-    choices and routers of relprop.passes.routing, the selective scan's parameters of
-    relprop.passes.scan."""
-    from .routing import hold_choices, hold_routers
-    from .scan import hold_selection
-
-    held = hold_choices(graph) | hold_routers(graph) | hold_selection(graph)
+    """Normalisers that only scale activations, marked to be held constant."""
+    held: set[fx.Node] = set()
     for node in graph.nodes:
         what = meaning(node)
         if what is None or not what.statistic or (what.name == "pow" and not _root(node)):
