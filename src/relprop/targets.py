@@ -10,7 +10,8 @@ the Explainer so that every target form can be tested without a model:
 - `seeds`: the starting gradient c at the output for each target (relevance = c * output);
 - `chunk`: the targets of a slice of the batch;
 - `seeding`: all of the above in order, from a model's output to the seeds and the
-  explained values (what every backward pass of relprop starts from).
+  explained values (what every backward pass of relprop starts from); a `Contrast`
+  target (relprop.contrast) seeds the difference of two targets' seeds.
 
 Captum's convention: an int (or a tuple indexing a multi-dimensional output) for every
 sample; a list, or a 1-d tensor, of B entries: one per sample; a (B, K) or (1, K)
@@ -30,7 +31,17 @@ from torch import Tensor, nn
 from .errors import RelpropError, TargetError
 from .rules import stabilize
 
-Target = int | tuple[int, ...] | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
+
+@dataclass(frozen=True)
+class Contrast:
+    """Output a minus output b ("why a and not b"): a, b any target form, K alike."""
+
+    a: Any
+    b: Any
+
+
+Target = (int | tuple[int, ...] | Sequence[int] | Sequence[Sequence[int]] | Tensor | Contrast
+          | None)
 STARTS = ("value", "one", "softmax")
 
 
@@ -228,6 +239,8 @@ def check_start(start: str) -> None:
 def chunk(target: Target, sl: slice, total: int) -> Target:
     """The targets of samples `sl`: per-sample ones (B entries) are split with the batch,
     targets for every sample (an int, a tuple, a (1, K) row) are not."""
+    if isinstance(target, Contrast):
+        return Contrast(chunk(target.a, sl, total), chunk(target.b, sl, total))
     if isinstance(target, Tensor) and target.dim() == 0:
         return target  # len() of a 0-d tensor raises
     if isinstance(target, Tensor | list) and len(target) == total:
@@ -280,7 +293,19 @@ def seeding(model: nn.Module, output: Any, batch: int, target: Target,
             position: int | None = None, explained_input: Tensor | None = None) -> Seeding:
     """How a target becomes the start of a backward pass, in one place: the tensor to
     explain (`logits`), the class targets at the generating position of a causal LM
-    (`default_position`, `at_position`), their indices (`resolve`) and seeds (`seeds`)."""
+    (`default_position`, `at_position`), their indices (`resolve`) and seeds (`seeds`).
+    A Contrast seeds a's seeds minus b's (the index kept is a's)."""
+    if isinstance(target, Contrast):
+        if output_relevance is not None:
+            raise TargetError("give either a contrast target or output_relevance=, not both")
+        a, b = (seeding(model, output, batch, t, None, start, position, explained_input)
+                for t in (target.a, target.b))
+        if a.seeds.shape != b.seeds.shape:
+            raise TargetError(f"contrast: {a.seeds.shape[0]} targets against "
+                              f"{b.seeds.shape[0]}; give as many of each")
+        diff = a.seeds - b.seeds
+        return Seeding(a.output, a.flat, a.index, a.multi, diff,
+                       (diff * a.flat.detach()).sum(-1).T)
     out = logits(output, explained_input)
     rows = flat(out, batch)
     position = default_position(model, out, position)
