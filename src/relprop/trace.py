@@ -169,6 +169,9 @@ class TracedModel:
     fixed: dict[str, Any] = field(default_factory=dict)
     # torch.export: the input sizes past the batch it fixed (None: any)
     shapes: tuple[tuple[int, ...], ...] | None = None
+    # torch.export fixed sizes it was asked to leave free (a Python loop over the tokens,
+    # a guard on a length): every size of every tensor input it serves (full_shapes)
+    exact: tuple[tuple[int, ...], ...] | None = None
     # the user's model (torch.export's root is a new module without the original classes)
     model: nn.Module | None = None
 
@@ -334,13 +337,17 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
     try:
         with TRACE_LOCK, preserved(model, eval_mode=True):
             kwargs = {**keywords, **fixed}
+            exact = None
             try:  # every size free where the code allows (batch, sequence length, ...)
                 # export specialises sizes 0 and 1: a batch of one is traced as two
                 doubled, kw2 = _doubled(example), _doubled(kwargs, len(example[0]))
                 exported = torch.export.export(model, doubled, kwargs=kw2, strict=False,
                                                dynamic_shapes=_free_sizes(doubled, kw2))
+                if _specialised(exported):  # traced on the doubled batch: not this input's
+                    raise _Specialised
             except Exception:  # sizes the code specialises on: one program per shape
                 exported = torch.export.export(model, example, kwargs=kwargs, strict=False)
+                exact = full_shapes(example, kwargs)
             module = exported.module()
     except Exception as exc:
         raise TraceError(
@@ -351,7 +358,39 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
     constants = {n.name: k for n, k in zip(holders[len(example):], [*keywords, *fixed],
                                            strict=False)}
     return TracedModel(graph=module.graph, root=module, method="export", constants=constants,
-                       model=model, fixed=fixed, shapes=input_shapes(example))
+                       model=model, fixed=fixed, shapes=input_shapes(example), exact=exact)
+
+
+class _Specialised(Exception):
+    """torch.export fixed a size it was asked to leave free."""
+
+
+def _specialised(exported: Any) -> bool:
+    """Whether export fixed a size it was asked to leave free: a user input's size that
+    came out a constant where Dim.AUTO asked for a symbol (the batch of every input is
+    free, so a constant there is always a specialisation; other sizes are checked for
+    integer tensors, token ids and masks, whose every size was freed)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    signature = exported.graph_signature
+    users = set(signature.user_inputs)
+    for node in exported.graph.nodes:
+        if node.op != "placeholder" or node.name not in users:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() == 0:
+            continue
+        dims = range(val.dim()) if not val.is_floating_point() else range(1)
+        if any(is_concrete_int(val.shape[d]) for d in dims):
+            return True
+    return False
+
+
+def full_shapes(inputs: tuple[Any, ...], keywords: dict[str, Any] | None = None
+                ) -> tuple[tuple[int, ...], ...]:
+    """Every size of every tensor input, positional and keyword, the batch included."""
+    return tuple(tuple(t.shape) for t in (*inputs, *(keywords or {}).values())
+                 if isinstance(t, torch.Tensor))
 
 
 def input_shapes(inputs: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:

@@ -93,3 +93,36 @@ def test_explaining_many_models_leaves_the_registries_the_same_size() -> None:
     for _ in range(5):
         relprop.explain(Loop().eval(), x, target=0, composite="epsilon")
     assert (len(v._BY_FUNCTION), len(v._BY_METHOD), len(v._BY_ATEN)) == sizes
+
+
+class TokenLoop(nn.Module):
+    """A Python loop over the tokens (as Mamba's pure-PyTorch scan): torch.export fixes
+    the sequence length it was asked to leave free, and guards it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(20, 6), nn.Linear(6, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        state = torch.zeros_like(h[:, 0])
+        for t in range(ids.shape[1]):
+            state = 0.5 * state + h[:, t]
+        return self.fc(state)
+
+
+def test_a_trace_fixed_to_one_length_is_traced_again_for_another() -> None:
+    """Each length (and batch size) gets its own program, equal to a fresh Explainer's;
+    before, the second length failed at export's guard."""
+    torch.manual_seed(0)
+    model = TokenLoop().double().eval()
+    explainer = relprop.Explainer(model, "lrp0")
+    for shape in ((2, 5), (2, 7), (1, 7), (2, 5)):
+        ids = torch.randint(0, 20, shape)
+        got = explainer(ids, target=1)
+        want = relprop.Explainer(model, "lrp0")(ids, target=1)
+        torch.testing.assert_close(got.relevance, want.relevance, rtol=0, atol=0)
+        # LRP-0 conserves all but the head's bias
+        torch.testing.assert_close(got.relevance.sum(1), got.explained - model.fc.bias[1],
+                                   rtol=1e-9, atol=1e-12)
+    assert explainer.describe(torch.randint(0, 20, (1, 7))).traced == "export"

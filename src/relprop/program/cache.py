@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from ..composites import Composite
 from ..errors import InputError, RelpropError, TraceError, UnsupportedOperationError
-from ..trace import TRACE_LOCK, TracedModel, input_shapes, preserved, trace_export, trace_fx
+from ..trace import (
+    TRACE_LOCK,
+    TracedModel,
+    full_shapes,
+    input_shapes,
+    preserved,
+    trace_export,
+    trace_fx,
+)
 from .run import Program
 
 # (positional inputs, keyword names, positions of token-id inputs[, sizes for export])
@@ -81,20 +89,22 @@ class ProgramCache:
         """
         n, keywords = len(inputs), keywords or {}
         ids = frozenset(i for i, t in enumerate(inputs) if not t.is_floating_point())
-        shapes = input_shapes(inputs)
+        shapes, exact = input_shapes(inputs), full_shapes(inputs, keywords)
         key = (n, frozenset(keywords), ids)
-        for k in (key, (*key, shapes)):
+        for k in (key, (*key, shapes), (*key, "exact", exact)):
             program = self.programs.get(k)
-            if program is not None and program.traced.shapes in (None, shapes):
+            if program is not None and _serves(program, shapes, exact):
                 return program
         base = self.first
         if not keywords and not ids and base is not None and len(base.placeholders) >= n \
-                and base.traced.shapes in (None, shapes):
+                and _serves(base, shapes, exact):
             return base
         program = self._build(self._trace(inputs, keywords, ids), ids)
         if self.first is None and not keywords and not ids:
             self.first = program
-        self.programs[key if program.traced.shapes is None else (*key, shapes)] = program
+        traced = program.traced
+        self.programs[key if traced.shapes is None else (*key, "exact", exact)
+                      if traced.exact is not None else (*key, shapes)] = program
         return program
 
     def _trace(self, inputs: tuple[Tensor, ...], keywords: dict[str, Any],
@@ -134,6 +144,15 @@ class ProgramCache:
                              "looks none of them up in an embedding; relevance needs a "
                              "floating-point input or token ids fed to an nn.Embedding")
         return program
+
+
+def _serves(program: Program, shapes: Any, exact: Any) -> bool:
+    """Whether a program serves inputs of these sizes: an export trace its fixed sizes
+    past the batch, or, where export had to fix more (`exact`), every size."""
+    traced = program.traced
+    if traced.exact is not None:
+        return traced.exact == exact
+    return traced.shapes in (None, shapes)
 
 
 @dataclass(frozen=True)
