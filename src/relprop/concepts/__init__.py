@@ -8,7 +8,9 @@
 - `graph(explainer, x, target, layer=, concept=, lower=, width=)`: the attribution graph
   (graph.py);
 - `collect(model, dataset, layers, out)` and `load(out).top(layer, channel)`: reference
-  samples per channel over a dataset (collect.py, references.py).
+  samples per channel over a dataset (collect.py, references.py);
+- `text_references(explainer, ids, masks, target, layer)`: reference sentences per neuron
+  of a text encoder, with each one's token map (text.py).
 
 Layers are named by module path or by the ledger's node names (sites.py).
 """
@@ -30,11 +32,14 @@ from .graph import AttributionGraph, Edge, Node, graph
 from .references import References, Top, load, receptive_field
 from .relevance import ConceptRelevance, relevance
 from .sites import ConceptError
+from .text import PooledProjection, TextReference, TextReferences, query_direction, text_references
 
 __all__ = ["MEASURES", "AttributionGraph", "Channels", "CollectSummary", "ConceptError",
            "ConceptRelevance", "ConceptSet", "ConditionalExplanation", "Directions", "Edge",
            "Heads", "Node", "References", "Top", "collect", "directions", "explain", "graph",
            "heads", "load", "receptive_field", "relevance"]
+__all__ += ["PooledProjection", "TextReference", "TextReferences", "query_direction",
+            "text_references"]
 
 
 def explain(model: nn.Module | Explainer, x: Tensor | tuple[Tensor, ...], target: Target = None,
