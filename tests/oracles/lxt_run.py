@@ -16,10 +16,11 @@ or right after it patches (see tests/oracles/README.md for the why of each).
 
 IN.pt (``torch.save``) holds a dict::
 
-    arch                 "llama" | "bert" | "gpt2"
-    config               config.to_dict() of LlamaConfig / BertConfig / GPT2Config
+    arch                 "llama" | "bert" | "gpt2" | "gemma3"
+    config               config.to_dict() of LlamaConfig / BertConfig / GPT2Config /
+                         Gemma3TextConfig
     state_dict           weights of LlamaForCausalLM / BertForSequenceClassification /
-                         GPT2LMHeadModel
+                         GPT2LMHeadModel / Gemma3ForCausalLM
     input_ids            LongTensor (B, T)
     attention_mask       optional LongTensor (B, T)
     target               {"position": int, "token": int} (causal LMs) or {"label": int} (BERT)
@@ -182,6 +183,10 @@ def build_patched_model(arch: str, config_dict: dict, state_dict: dict, attn_imp
         from transformers.models.bert import modeling_bert as module
         from transformers.models.bert.configuration_bert import BertConfig as config_cls
         model_cls_name = "BertForSequenceClassification"
+    elif arch == "gemma3":
+        from transformers.models.gemma3 import modeling_gemma3 as module
+        from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig as config_cls
+        model_cls_name = "Gemma3ForCausalLM"
     else:
         raise ValueError(f"unknown arch {arch!r}")
     if arch not in _PATCHED:  # LXT warns (and skips) when patching twice
