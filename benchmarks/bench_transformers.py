@@ -51,6 +51,15 @@ LLAMA = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden
 TOKEN = 7  # target: the next-token logit of this token id at the last position
 CLASS = 3  # target class of the ViT rows
 MODELS = ["llama:sdpa", "llama:eager", "vit_b_16"]
+# issue 19's rows: the same shape as LLAMA in each family (MoE: 8 experts, 2 per token);
+# Mamba's pure-PyTorch scan is a Python loop over the tokens, unrolled by the trace
+FAMILIES = {
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=32, sliding_window=512)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.0)),
+    "mamba": ("MambaConfig", "MambaForCausalLM",
+              dict(state_size=16, expand=2, conv_kernel=4, use_mambapy=False)),
+}
 TIME_TARGET, MEM_TARGET = 1.2, 1.3  # issue 12
 
 
@@ -65,14 +74,30 @@ def threads() -> int:
 
 # ----------------------------------------------------------------------------- models
 
-def build_llama(attn: str):
+def build_llama(attn: str, family: str = "llama"):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(0)
-    config = LlamaConfig(**LLAMA)
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config).float().eval()
+    if family == "llama":
+        config = transformers.LlamaConfig(**LLAMA)
+        cls = transformers.LlamaForCausalLM
+    else:
+        config_name, cls_name, extra = FAMILIES[family]
+        kw = {**LLAMA, **extra}
+        if family == "mamba":
+            kw = {k: v for k, v in kw.items() if k not in (
+                "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "max_position_embeddings")}
+        config = getattr(transformers, config_name)(**kw)
+        cls = getattr(transformers, cls_name)
+    if attn:
+        config._attn_implementation = attn
+    return cls(config).float().eval()
+
+
+def is_lm(model_key: str) -> bool:
+    return model_key.partition(":")[0] in ("llama", *FAMILIES)
 
 
 def llama_ids(seq: int):
@@ -85,8 +110,9 @@ def llama_ids(seq: int):
 def build(model_key: str):
     import torch
 
-    if model_key.startswith("llama:"):
-        return build_llama(model_key.partition(":")[2])
+    if is_lm(model_key):
+        family, _, attn = model_key.partition(":")
+        return build_llama(attn, family)
     torch.manual_seed(0)
     if model_key == "hf_vit":  # transformers' ViT-Base (ViTConfig() defaults)
         from transformers import ViTConfig, ViTForImageClassification
@@ -100,7 +126,7 @@ def build(model_key: str):
 def make_input(model_key: str, seq: int, batch: int, small: bool = False):
     import torch
 
-    if model_key.startswith("llama:"):
+    if is_lm(model_key):
         return llama_ids(16 if small else seq)
     gen = torch.Generator().manual_seed(1)
     return torch.randn(1 if small else batch, 3, 224, 224, generator=gen)
@@ -110,7 +136,7 @@ def method_fn(model_key: str, model, method: str):
     """A function of the input (token ids or images) that returns the relevance."""
     import torch
 
-    llama = model_key.startswith("llama:")
+    llama = is_lm(model_key)
     if method == "gradient":
         if llama:
             embed = model.get_input_embeddings()
@@ -248,7 +274,7 @@ def saved(model_key: str, seq: int, batch: int) -> None:
     torch.set_num_threads(threads())
     model = build(model_key)
     x = make_input(model_key, seq, batch)
-    if model_key.startswith("llama:"):
+    if is_lm(model_key):
         e = model.get_input_embeddings()(x).detach().requires_grad_()
         show("gradient (parameters require grad)", saved_by_node(model(inputs_embeds=e).logits))
         for p in model.parameters():
@@ -333,7 +359,7 @@ def main() -> None:
         lines.append(line)
 
     for model in args.models:
-        llama = model.startswith("llama:")
+        llama = is_lm(model)
         shape = f"1 x {args.seq} tokens" if llama else f"{args.batch} x 3 x 224 x 224"
         methods = ["gradient", "relprop"]
         times = run_worker([me, "--time-worker", model, str(args.seq), str(args.batch),
@@ -345,7 +371,7 @@ def main() -> None:
         for method in methods:
             emit(model, shape, method, times.get(method, times), mems[method], ref_t, ref_m,
                  method != "gradient")
-        if llama and not args.no_lxt:
+        if model.startswith("llama:") and not args.no_lxt:
             attn = model.partition(":")[2]
             lt = run_worker([child, "time", attn, str(args.seq), str(args.repeats)])
             lm = {m: run_worker([child, "memory", attn, str(args.seq), m])
