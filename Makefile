@@ -29,9 +29,11 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		|| sudo sh -c 'apt-get update -qq && apt-get install -y -qq chromium'; }
 
+# Two test processes (pytest-xdist), one thread each: most tests are small and run
+# Python-bound on one core, so two processes use both cores of a 2-core machine.
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks scripts examples
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -275,8 +275,10 @@ def test_gamma_on_linear_layers_is_an_option() -> None:
     assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(("arch", "dtype"), [
+    ("llama", torch.bfloat16), ("gpt2", torch.float16),
+    pytest.param("llama", torch.float16, marks=pytest.mark.slow),
+    pytest.param("gpt2", torch.bfloat16, marks=pytest.mark.slow)])
 def test_half_precision_models_are_explained_in_float32(arch: str, dtype: torch.dtype) -> None:
     """The trace's casts to the half type and its dtype checks follow the float32
     computation; the result equals the float32 explanation of the same rounded weights,
