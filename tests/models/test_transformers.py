@@ -174,6 +174,7 @@ def test_ledger_on_a_bias_free_llama_leaks_only_in_attention() -> None:
                                atol=10 * tol)
 
 
+@pytest.mark.slow  # CP-LRP's rule is checked by default against its matmul twin above
 def test_cp_lrp_differs_from_attnlrp() -> None:
     model = ref.tiny_llama(0, "eager")
     a = relprop.Explainer(model, "attnlrp")(IDS, target=4).embeddings

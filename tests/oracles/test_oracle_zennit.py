@@ -53,9 +53,10 @@ def vgg(arch: str, biases: bool) -> torch.nn.Module:
 
 
 COMPOSITES = ["epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1"]
-# VGG16 (the deeper twin of VGG11, same layer types) runs in `make bench` (pytest -m slow)
+# VGG16 (the deeper twin of VGG11, same layer types) and the bias-free cases (biases set to
+# zero: a special case of the random ones) run in `make bench` (pytest -m slow)
 CASES = [pytest.param(a, c, b, id=f"{a}-{c}-{'bias' if b else 'nobias'}",
-                      marks=[pytest.mark.slow] if a == "vgg16" else [])
+                      marks=[pytest.mark.slow] if a == "vgg16" or not b else [])
          for a in ("vgg11", "vgg16") for c in COMPOSITES for b in (False, True)]
 
 
