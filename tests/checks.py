@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -66,3 +69,23 @@ def assert_every_composite_runs(model: nn.Module, x: torch.Tensor,
                                       record=True)
             torch.testing.assert_close(expl.relevance, general.relevance, rtol=1e-7,
                                        atol=1e-12, msg=composite)
+
+
+def chromium_dom(url: str, profile: Path, budget_ms: int = 5000) -> str:
+    """The DOM headless Chromium (Debian's, which `make test` installs) renders for `url`."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed for this test (make test installs it)"
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+         "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+
+
+def images_decoded(page: Path, profile: Path) -> tuple[int, int]:
+    """(pictures on a relprop page, pictures the browser decoded): the page's own script
+    counts them into data-images-total / data-images-ok."""
+    dom = chromium_dom(page.as_uri(), profile)
+    total = int(dom.split('data-images-total="')[1].split('"')[0])
+    ok = int(dom.split('data-images-ok="')[1].split('"')[0])
+    return total, ok

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from checks import chromium_dom, images_decoded
 from sklearn.metrics import adjusted_rand_score
 
 import relprop
@@ -209,19 +210,6 @@ def test_analyze_command_writes_the_analysis_and_page(planted, capsys) -> None:
     assert "needs the images" in capsys.readouterr().err
 
 
-def _chromium_dom(url: str, profile, budget_ms: int = 20000) -> str:
-    import shutil
-    import subprocess
-
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is needed for this test (make test installs it)"
-    return subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
-         "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-
-
 def test_virelay_opens_the_project_in_a_browser(planted, sprayed, tmp_path) -> None:
     """`python -m virelay project.yaml` serves the export; headless Chromium shows the class,
     both clusters with their sizes, and the selected samples' heatmaps."""
@@ -251,10 +239,10 @@ def test_virelay_opens_the_project_in_a_browser(planted, sprayed, tmp_path) -> N
                 time.sleep(0.5)
         members = sprayed.members(8, 2)
         picked = [int(members[0][0]), int(members[1][0])]
-        dom = _chromium_dom(
+        dom = chromium_dom(
             f"{base}/projects/0?analysisMethod=spectral&analysisCategory=8&clustering=kmeans-2"
             f"&embedding=spectral&imageMode=Attribution&embeddingVectors={picked[0]},{picked[1]}",
-            tmp_path / "profile")
+            tmp_path / "profile", budget_ms=20000)  # ViRelAy's page loads its data first
         assert "8 (8)" in dom  # the class, named from the label map
         for k, idx in members.items():
             assert f"Cluster {k + 1} ({len(idx)})" in dom
@@ -273,9 +261,7 @@ def test_summary_page_shows_its_pictures_in_a_browser(planted, sprayed, tmp_path
 
     page = summary_page(sprayed, tmp_path / "analysis.html", dataset=planted["eights"],
                         thumbnails=3)
-    dom = _chromium_dom(page.as_uri(), tmp_path / "profile", 5000)
-    total = int(dom.split('data-images-total="')[1].split('"')[0])
-    ok = int(dom.split('data-images-ok="')[1].split('"')[0])
+    total, ok = images_decoded(page, tmp_path / "profile")
     assert total == 1 + 2 * (1 + 3 * 2) and ok == total  # spectrum; means, inputs, heatmaps
 
 

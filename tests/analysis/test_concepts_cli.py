@@ -4,11 +4,10 @@ which headless Chromium shows with every picture decoded."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
+from checks import images_decoded
 from PIL import Image
 
 import relprop.concepts as rc
@@ -48,16 +47,7 @@ def test_collect_then_atlas_in_a_browser(tmp_path: Path, capsys) -> None:
     assert text.count("<h2>Concept ") == 3 and "Reference samples" in text and "<svg" in text
     # input + relevance, and per concept: input + heatmap + 2 references x (crop + heatmap)
     assert text.count("<img") == 2 + 3 * (2 + 2 * 2)
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is needed for this test (make test installs it)"
-    dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120).stdout
-    total = int(dom.split('data-images-total="')[1].split('"')[0])
-    ok = int(dom.split('data-images-ok="')[1].split('"')[0])
+    total, ok = images_decoded(page, tmp_path / 'profile')
     assert total == 20 and ok == total
     assert main(["concepts", str(image), *model, "--layer", "1.nope", "--out", str(out)]) == 2
     assert "no layer '1.nope'" in capsys.readouterr().err
