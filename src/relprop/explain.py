@@ -172,12 +172,15 @@ class Explainer:
         return expl
 
     def explain_generation(self, input_ids: Tensor, max_new_tokens: int, *,
-                           attention_mask: Tensor | None = None) -> Any:
+                           attention_mask: Tensor | None = None,
+                           eos_token_id: int | list[int] | None = None,
+                           pad_token_id: int | None = None) -> Any:
         """Greedy generation, each new token explained from one forward: a
         relprop.Generation (relprop.generation.explain_generation)."""
         from .generation import generate_explained
 
-        return generate_explained(self, input_ids, max_new_tokens, attention_mask)
+        return generate_explained(self, input_ids, max_new_tokens, attention_mask,
+                                  eos_token_id, pad_token_id)
 
     def _explain_any(self, x: Tensor | tuple[Tensor, ...], target: Target,
                      output_relevance: Tensor | None, start: str, record: bool | None,

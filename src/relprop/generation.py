@@ -8,15 +8,19 @@ targets are (position, token) pairs of one multi-target explanation, one backwar
 each (relprop.Explainer, relprop.targets).
 
 The decoding loop is relprop's own (no `model.generate`): it needs nothing but a
-model whose output holds (B, T, V) next-token logits, never stops early at an
-end-of-sequence token, and runs with the model in inference semantics, as the
-explanation does. It recomputes the whole sequence at each step (no key-value cache):
-a cost of the order of the N backward passes that follow.
+model whose output holds (B, T, V) next-token logits, and runs with the model in
+inference semantics, as the explanation does. Where the forward takes a key-value
+cache (Hugging Face's decoders: `cache`, or `past_key_values`, and `use_cache`) and
+returns one, each step reads the new token only; otherwise each step recomputes the
+whole sequence. With `eos_token_id`, a
+sample that produced it is finished: its later tokens are `pad_token_id`, their rows
+hold 0, and decoding stops when every sample is finished (`Generation.lengths`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,7 @@ class Generation:
     explained: Tensor
     prompt_length: int
     attention_mask: Tensor | None = None
+    lengths: Tensor | None = None
     _explainer: Explainer | None = field(default=None, repr=False, compare=False)
     _forward_kwargs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -102,37 +107,47 @@ class Generation:
 
 def explain_generation(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *,
                        composite: str | Composite = "attnlrp", attention_mask: Tensor | None = None,
-                       **explainer_kwargs: Any) -> Generation:
-    """Greedy generation of `max_new_tokens` tokens, each explained (see the module).
-    `explainer_kwargs`: the composite's parameters, as relprop.Explainer takes them."""
+                       eos_token_id: int | Sequence[int] | None = None,
+                       pad_token_id: int | None = None, **explainer_kwargs: Any) -> Generation:
+    """Greedy generation of up to `max_new_tokens` tokens, each explained (see the
+    module). `explainer_kwargs`: the composite's parameters, as relprop.Explainer takes
+    them."""
     explainer = Explainer(model, composite, **explainer_kwargs)
-    return generate_explained(explainer, input_ids, max_new_tokens, attention_mask)
+    return generate_explained(explainer, input_ids, max_new_tokens, attention_mask,
+                              eos_token_id, pad_token_id)
 
 
 def generate_explained(explainer: Explainer, input_ids: Tensor, max_new_tokens: int,
-                       attention_mask: Tensor | None = None) -> Generation:
+                       attention_mask: Tensor | None = None,
+                       eos_token_id: int | Sequence[int] | None = None,
+                       pad_token_id: int | None = None) -> Generation:
     """explain_generation with an Explainer already built (Explainer.explain_generation)."""
-    ids, mask = greedy(explainer.model, input_ids, max_new_tokens, attention_mask)
-    P, T = input_ids.shape[-1], ids.shape[1]
+    ids, mask, lengths = greedy(explainer.model, input_ids, max_new_tokens, attention_mask,
+                                eos_token_id, pad_token_id)
+    B, P, T = ids.shape[0], input_ids.shape[-1], ids.shape[1]
+    N = T - P
     kw = _keywords(explainer.model, mask)
     wanted = [[(P - 1 + n, int(t)) for n, t in enumerate(row)] for row in ids[:, P:].tolist()]
     expl = explainer(ids, target=wanted, forward_kwargs=kw)
-    rel = expl.relevance.reshape(ids.shape[0], max_new_tokens, T)
-    before = torch.arange(T)[None, :] < (P + torch.arange(max_new_tokens))[:, None]  # (N, T)
-    rel = torch.where(before.to(rel.device), rel, torch.zeros((), dtype=rel.dtype,
-                                                                 device=rel.device))
-    return Generation(ids=ids, tokens=ids[:, P:], relevance=rel,
-                      explained=expl.explained.reshape(ids.shape[0], max_new_tokens),
-                      prompt_length=P, attention_mask=mask, _explainer=explainer,
-                      _forward_kwargs=kw)
+    rel = expl.relevance.reshape(B, N, T)
+    before = torch.arange(T)[None, :] < (P + torch.arange(N))[:, None]  # (N, T)
+    made = torch.arange(N)[None, :] < lengths[:, None]  # (B, N): not padding after the end
+    zero = torch.zeros((), dtype=rel.dtype, device=rel.device)
+    rel = torch.where((before[None] & made[:, :, None]).to(rel.device), rel, zero)
+    explained = torch.where(made.to(rel.device), expl.explained.reshape(B, N), zero)
+    return Generation(ids=ids, tokens=ids[:, P:], relevance=rel, explained=explained,
+                      prompt_length=P, attention_mask=mask, lengths=lengths,
+                      _explainer=explainer, _forward_kwargs=kw)
 
 
 @torch.no_grad()
 def greedy(model: nn.Module, input_ids: Tensor, max_new_tokens: int,
-           attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """Prompt + `max_new_tokens` argmax tokens (B, P + N), and the attention mask grown
-    with them (ones), in inference semantics. A left-padded prompt (zeros in its mask)
-    gets position ids counted from its first real token where the model takes them."""
+           attention_mask: Tensor | None = None, eos_token_id: int | Sequence[int] | None = None,
+           pad_token_id: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Prompt + up to `max_new_tokens` argmax tokens (B, P + N), the attention mask grown
+    with them (ones), and the tokens each sample generated (B,), in inference semantics.
+    A left-padded prompt (zeros in its mask) gets position ids counted from its first
+    real token where the model takes them."""
     if input_ids.dim() != 2 or input_ids.is_floating_point():
         raise InputError(f"input_ids has shape {tuple(input_ids.shape)} and dtype "
                          f"{input_ids.dtype}; give (B, T) integer token ids")
@@ -141,18 +156,65 @@ def greedy(model: nn.Module, input_ids: Tensor, max_new_tokens: int,
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                          f"the ids' {tuple(input_ids.shape)}")
-    ids, mask = input_ids, attention_mask
+    stops = torch.tensor([] if eos_token_id is None else
+                         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                         dtype=input_ids.dtype, device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else int(stops[0]) if len(stops) else 0
+    B = input_ids.shape[0]
+    ids, mask, past = input_ids, attention_mask, None
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long)
+    cache_keyword = _cache_keyword(model)
+    cached = cache_keyword is not None
     with preserved(model, eval_mode=True):
-        for _ in range(max_new_tokens):
-            out = targets.logits(model(ids, **_keywords(model, mask)))
-            if out.dim() != 3:
-                raise InputError(f"the model returned logits of shape {tuple(out.shape)}; "
+        for step in range(max_new_tokens):
+            kw = _keywords(model, mask)
+            fed = ids
+            if cached:
+                kw["use_cache"] = True
+                if past is not None:  # the cache holds the rest: read the new token only
+                    kw[cache_keyword] = past
+                    fed = ids[:, -1:]
+                    if "position_ids" in kw:
+                        kw["position_ids"] = kw["position_ids"][:, -1:]
+            out = model(fed, **kw)
+            past = _returned_cache(out) if cached else None
+            cached = cached and past is not None  # no cache came back: recompute from now
+            logits = targets.logits(out)
+            if logits.dim() != 3:
+                raise InputError(f"the model returned logits of shape {tuple(logits.shape)}; "
                                  "generation needs (B, T, V) next-token logits")
-            nxt = out[:, -1].argmax(-1, keepdim=True).to(ids.dtype)
-            ids = torch.cat([ids, nxt], 1)
+            nxt = logits[:, -1].argmax(-1).to(ids.dtype)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            ids = torch.cat([ids, nxt[:, None]], 1)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids, mask
+            ended = ~done & torch.isin(nxt, stops)
+            lengths[ended.cpu()] = step + 1
+            done |= ended
+            if bool(done.all()):
+                break
+    generated = ids.shape[1] - input_ids.shape[1]
+    return ids, mask, torch.where(done.cpu(), lengths, torch.full_like(lengths, generated))
+
+
+def _cache_keyword(model: nn.Module) -> str | None:
+    """The forward's key-value cache keyword (Hugging Face's `cache`, `past_key_values`
+    before transformers 5.x), where it also takes `use_cache`."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "use_cache" not in parameters:
+        return None
+    return next((k for k in ("cache", "past_key_values") if k in parameters), None)
+
+
+def _returned_cache(out: Any) -> Any:
+    """The cache a forward returned (`cache`, or `past_key_values` before 5.x), or None."""
+    if not hasattr(out, "keys"):
+        return None
+    return next((out[k] for k in ("cache", "past_key_values") if out.get(k) is not None), None)
 
 
 def _keywords(model: nn.Module, mask: Tensor | None) -> dict[str, Any]:

@@ -89,6 +89,56 @@ def test_left_padding_gives_the_unpadded_generation() -> None:
     assert gen.attention_mask.shape == gen.ids.shape
 
 
+def test_decoding_reads_one_new_token_per_step_from_the_cache() -> None:
+    """Hugging Face's key-value cache is used: after the prompt, each step feeds the
+    model one token; a model without a cache (recomputing) gives the same tokens."""
+    model = ref.tiny_llama(0)
+    fed: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: fed.append(args[0].shape[1]))
+    try:
+        ids, _, lengths = relprop.generation.greedy(model, IDS, N)
+    finally:
+        hook.remove()
+    assert fed == [P] + [1] * (N - 1) and lengths.tolist() == [N, N]
+
+    class NoCache(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids, use_cache=False).logits
+
+    again, _, _ = relprop.generation.greedy(NoCache(), IDS, N)
+    assert torch.equal(again, ids)
+
+
+def test_generation_stops_at_the_end_token(generated) -> None:
+    """Sample 0's second token taken as the end token: each sample stops where it first
+    writes it, padded as Hugging Face's generate pads; later rows hold 0, and every row
+    before equals the row of the generation that did not stop."""
+    model, full = generated
+    eos = int(full.tokens[0, 1])
+    rows = full.tokens.tolist()
+    stops = [row.index(eos) + 1 if eos in row else N for row in rows]
+    assert stops[0] <= 2 and stops[1] > stops[0], "choose another seed: both stop together"
+    gen = relprop.explain_generation(model, IDS, max_new_tokens=N, eos_token_id=eos,
+                                     pad_token_id=0)
+    want = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=N,
+                          do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(gen.ids, want)
+    assert gen.lengths.tolist() == stops
+    T = gen.ids.shape[1]
+    for b, stop in enumerate(stops):
+        assert (gen.tokens[b, stop:] == 0).all()
+        assert (gen.relevance[b, stop:] == 0).all() and (gen.explained[b, stop:] == 0).all()
+        _close(gen.relevance[b, :stop], full.relevance[b, :stop, :T])
+        _close(gen.explained[b, :stop], full.explained[b, :stop])
+    done = relprop.explain_generation(model, IDS[:1], max_new_tokens=N, eos_token_id=[eos, 99])
+    assert done.tokens.shape == (1, stops[0]) and done.lengths.tolist() == stops[:1]
+
+
 def test_contrast_is_the_difference_of_two_explanations(generated) -> None:
     model, gen = generated
     explainer = relprop.Explainer(model, "attnlrp")
