@@ -74,7 +74,11 @@ class Composite:
     epsilon of the proportional rule at sums, means and average pooling (0 = plain
     gradient). `attention`: how relevance crosses attention and products of two
     activations (AttnLRP's rules by default; CPLRP() holds the attention weights
-    constant).
+    constant). `routing`: how relevance crosses a mixture-of-experts router (ROUTING;
+    relprop.passes.routing): "held" holds the routing weights constant, so relevance
+    flows through the chosen experts; "uniform" splits each product weight * expert
+    output half and half, the weight's half going back through the router's softmax.
+    The top-k choice is held either way.
     """
 
     by_type: dict[type | str, RuleBase] = field(default_factory=dict)
@@ -87,11 +91,13 @@ class Composite:
     name: str = "custom"
     recurrent: RecurrentRule = field(default_factory=RecurrentRule)
     attention: AttentionRule = field(default_factory=AttnLRP)
+    routing: str = "held"
 
     def __post_init__(self) -> None:
         check_nonnegative("Composite", "stabilizer", self.stabilizer,
                           "the epsilon of the proportional split at sums and average pooling")
         check_top_k(self.top_k)
+        check_routing(self.routing)
 
     def describe(self) -> dict[str, Any]:
         """Every rule of the composite with all its parameters, plus stabilizer and top_k.
@@ -155,6 +161,16 @@ def check_top_k(top_k: float | None) -> None:
                              "must be in (0, 1] (or None to keep all of it)")
 
 
+ROUTING = ("held", "uniform")  # Composite.routing
+
+
+def check_routing(routing: str) -> None:
+    """routing is one of ROUTING."""
+    if routing not in ROUTING:
+        raise CompositeError(f"routing={routing!r}: how relevance crosses a mixture-of-experts "
+                             f"router is one of {', '.join(map(repr, ROUTING))}")
+
+
 def _describe_value(value: Any) -> Any:
     if isinstance(value, RuleBase | AttentionRule):
         out: dict[str, Any] = {"rule": type(value).__name__}
@@ -203,7 +219,8 @@ PRESETS = (
 )
 # The keywords every preset accepts (a preset ignores those it has no rule for, so
 # one set of keywords can be passed to any preset, as the command line does).
-PARAMETERS = ("epsilon", "gamma", "alpha", "beta", "low", "high", "bias", "top_k", "stabilizer")
+PARAMETERS = ("epsilon", "gamma", "alpha", "beta", "low", "high", "bias", "top_k", "stabilizer",
+              "routing")
 DEFAULT_EPSILON = 1e-6  # the epsilon rule's (Zennit's default)
 DEFAULT_STABILIZER = 1e-6  # sums and average pooling
 
@@ -229,6 +246,7 @@ def make_composite(
     bias: str | None = None,
     top_k: float | None = None,
     stabilizer: float | None = None,
+    routing: str | None = None,
     **unknown: Any,
 ) -> Composite:
     """A preset by name (see PRESETS), or the given Composite unchanged.
@@ -249,6 +267,8 @@ def make_composite(
       `lrp0`) unless given; when not given but a smaller `epsilon=` is, it
       follows the epsilon (min of the two), so a tiny epsilon is not masked by
       sums stabilized a million times more strongly.
+    - `routing=` is how relevance crosses a mixture-of-experts router ("held" unless
+      given; Composite.routing).
 
     Keywords a preset has no rule for (`gamma=` for "epsilon") are checked but
     unused, so one set of keywords works with every preset; `describe()` on the
@@ -259,12 +279,21 @@ def make_composite(
               "high": high, "bias": bias, "top_k": top_k, "stabilizer": stabilizer}
     given = [k for k, v in values.items() if v is not None]
     if isinstance(name, Composite):
-        if given:
+        named = given + (["routing"] if routing is not None else [])
+        if named:
             raise CompositeError(
-                f"{', '.join(k + '=' for k in given)} configure presets and would be ignored "
+                f"{', '.join(k + '=' for k in named)} configure presets and would be ignored "
                 "here: a Composite carries its own rules, so set the values in them, e.g. "
                 "Epsilon(epsilon=...), RecurrentRule(epsilon=...), Composite(stabilizer=...)")
         return name
+    routing = "held" if routing is None else routing
+    check_routing(routing)
+    return dataclasses.replace(_preset(name, values, given), routing=routing)
+
+
+def _preset(name: str, values: dict[str, Any], given: list[str]) -> Composite:
+    """make_composite's preset `name` with the checked keyword values."""
+    epsilon, gamma, alpha, beta, low, high, bias, top_k, stabilizer = values.values()
     gamma = 0.25 if gamma is None else gamma
     alpha = 2.0 if alpha is None else alpha
     beta = 1.0 if beta is None else beta

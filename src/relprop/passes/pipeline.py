@@ -30,9 +30,10 @@ def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
              leaves: dict[str, str] | None = None,
              constants: frozenset[str] = frozenset(),
              index_inputs: frozenset[str] = frozenset(),
-             model: nn.Module | None = None) -> set[fx.Node]:
+             model: nn.Module | None = None, routing: str = "held") -> set[fx.Node]:
     """Run all passes; returns the set of input-dependent nodes. `model`: the user's
-    model where `root` is torch.export's module (which has none of its classes)."""
+    model where `root` is torch.export's module (which has none of its classes);
+    `routing`: the composite's, for mixture-of-experts routers."""
     if functional:
         functionalize(graph, root, leaves)
     else:
@@ -45,7 +46,7 @@ def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
     scaled_products(graph)
     grouped_query(graph)
     hold_choices(graph)  # discrete results; then MoE routers and Mamba's scan parameters
-    hold_routers(graph)
+    hold_routers(graph, routing)
     hold_selection(graph)
     hold_statistics(graph)
     dynamic = mark_dynamic(graph, constants, index_inputs)

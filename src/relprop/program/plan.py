@@ -29,7 +29,8 @@ def plan(traced: TracedModel, composite: Composite) -> list[Step]:
     graph = traced.graph
     dynamic = canonize(graph, traced.root, functional=traced.method == "fx",
                        leaves=traced.leaves, constants=frozenset(traced.constants),
-                       index_inputs=traced.index_inputs, model=traced.model)
+                       index_inputs=traced.index_inputs, model=traced.model,
+                       routing=composite.routing)
     nonneg = frozenset(mark_nonneg(graph, dynamic))
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
