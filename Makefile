@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	# zennit-crp 0.6.0, the CRP authors' code, as the concepts oracle: it pins torch < 2 and
 	# numpy <= 1.23.5, which CondAttribution does not need
 	$(BIN)/pip install --quiet --no-deps zennit-crp==0.6.0
+	# Inseq 0.7.1 for relprop.integrations.inseq: its metadata pulls CUDA 11 wheels and a
+	# typeguard<=2.13.3 pin that its code never imports; jaxtyping and treescope it imports
+	$(BIN)/pip install --quiet --no-deps inseq==0.7.1 jaxtyping==0.3.11 wadler-lindig==0.1.8 \
+		treescope==0.1.10
 	touch $(STAMP)
 
 setup: $(STAMP)
