@@ -202,12 +202,15 @@ def flat_position(position: Any, inner: tuple[int, ...]) -> int:
 
 
 def seeds(flat: Tensor, index: Tensor, start: str,
-          output_relevance: Tensor | None = None) -> Tensor:
+          output_relevance: Tensor | None = None,
+          shape: tuple[int, ...] | None = None) -> Tensor:
     """c at the output for each target: (K, B, N). Relevance there is c * output.
 
     start="value": c = 1 at the target (relevance = the logit); "one": relevance 1;
-    "softmax": relevance = the target's probability. `output_relevance` (B, ...) the
-    output's shape: that relevance itself (K = 1)."""
+    "softmax": relevance = the target's probability, over the class axis of the output's
+    `shape` (the flattened rows' own if None): (B, C)'s classes, a sequence (B, T, V)'s
+    vocabulary at the target's position. `output_relevance` (B, ...) the output's shape:
+    that relevance itself (K = 1)."""
     check_start(start)
     out = flat.detach()
     batch = out.shape[0]
@@ -227,8 +230,20 @@ def seeds(flat: Tensor, index: Tensor, start: str,
         return one_hot
     scale = 1.0 / stabilize(out, 1e-12)
     if start == "softmax":
-        scale = scale * out.softmax(1)
+        scale = scale * probabilities(out, shape)
     return one_hot * scale
+
+
+def probabilities(rows: Tensor, shape: tuple[int, ...] | None) -> Tensor:
+    """The softmax over the class axis, as flattened rows (B, N): the last axis of a
+    (B, C) or (B, T, V) output; other shapes have no one class axis and are refused."""
+    if shape is None or len(shape) == 2:
+        return rows.softmax(1)
+    if len(shape) == 3:
+        return rows.reshape(shape).softmax(-1).reshape(rows.shape)
+    raise TargetError(f"start='softmax' on an output of shape {tuple(shape)}: its class axis "
+                      "is ambiguous; give (B, C) class scores or (B, T, V) sequence logits, "
+                      "or start='value'")
 
 
 def check_start(start: str) -> None:
@@ -312,6 +327,6 @@ def seeding(model: nn.Module, output: Any, batch: int, target: Target,
     if position is not None and output_relevance is None:
         target = at_position(target, out, position)
     index, multi = resolve(target, out, output_relevance)
-    start_grads = seeds(rows, index, start, output_relevance)  # (K, B, N)
+    start_grads = seeds(rows, index, start, output_relevance, tuple(out.shape))  # (K, B, N)
     explained = (start_grads * rows.detach()).sum(-1).T  # (B, K)
     return Seeding(out, rows, index, multi, start_grads, explained)

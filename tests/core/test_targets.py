@@ -92,6 +92,25 @@ def test_the_seed_puts_the_chosen_start_at_each_target(output, start) -> None:
     assert relevance.sum(2).sub(picked).abs().max() == 0  # nothing anywhere else
 
 
+def test_softmax_start_of_a_sequence_is_over_the_vocabulary_at_the_position() -> None:
+    """A (position, token) target of (B, T, V) logits starts at that position's
+    probability, not a softmax over all T x V entries; a 4-d output is refused."""
+    logits = torch.randn(2, 4, 6, dtype=torch.float64)
+    rows = logits.reshape(2, -1)
+    index = torch.tensor([[targets.flat_position((1, 3), (4, 6))], [5]])  # (B, K=1)
+    seeds = targets.seeds(rows, index, "softmax", shape=(2, 4, 6))
+    picked = (seeds[0] * rows).gather(1, index)[:, 0]
+    want = torch.stack([logits[0, 1].softmax(-1)[3], logits[1, 0].softmax(-1)[5]])
+    torch.testing.assert_close(picked, want, rtol=1e-12, atol=0)
+    with pytest.raises(TargetError, match="class axis"):
+        targets.seeds(rows, index, "softmax", shape=(2, 2, 2, 6))
+    model = torch.nn.Linear(5, 6).double()  # (B, T, 5) -> (B, T, V) logits
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    expl = relprop.Explainer(model, "epsilon")(x, target=(1, 3), start="softmax")
+    torch.testing.assert_close(expl.explained.reshape(-1), model(x)[:, 1].softmax(-1)[:, 3].detach(),
+                               rtol=1e-9, atol=0)  # (p / z) * z, rounded
+
+
 def test_class_targets_of_a_sequence_sit_at_the_position() -> None:
     logits = torch.randn(2, 4, 6)  # (B, T, V)
     assert targets.at_position(None, logits, -1) == logits[:, -1].argmax(-1).tolist()
