@@ -107,8 +107,8 @@ def test_softmax_start_of_a_sequence_is_over_the_vocabulary_at_the_position() ->
     model = torch.nn.Linear(5, 6).double()  # (B, T, 5) -> (B, T, V) logits
     x = torch.randn(2, 4, 5, dtype=torch.float64)
     expl = relprop.Explainer(model, "epsilon")(x, target=(1, 3), start="softmax")
-    torch.testing.assert_close(expl.explained.reshape(-1), model(x)[:, 1].softmax(-1)[:, 3].detach(),
-                               rtol=1e-9, atol=0)  # (p / z) * z, rounded
+    want = model(x)[:, 1].softmax(-1)[:, 3].detach()
+    torch.testing.assert_close(expl.explained.reshape(-1), want, rtol=1e-9, atol=0)  # (p/z)*z
 
 
 def test_class_targets_of_a_sequence_sit_at_the_position() -> None:
