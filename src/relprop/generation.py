@@ -184,6 +184,11 @@ def greedy(model: nn.Module, input_ids: Tensor, max_new_tokens: int,
             if logits.dim() != 3:
                 raise InputError(f"the model returned logits of shape {tuple(logits.shape)}; "
                                  "generation needs (B, T, V) next-token logits")
+            if not torch.isfinite(logits[:, -1]).all():
+                b = int((~torch.isfinite(logits[:, -1])).any(-1).nonzero()[0])
+                raise InputError(f"step {step}: the model's next-token logits of sample {b} "
+                                 "are not finite (NaN or Inf), so no token can be chosen; the "
+                                 "model computes them so without relprop")
             nxt = logits[:, -1].argmax(-1).to(ids.dtype)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)

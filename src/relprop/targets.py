@@ -329,4 +329,9 @@ def seeding(model: nn.Module, output: Any, batch: int, target: Target,
     index, multi = resolve(target, out, output_relevance)
     start_grads = seeds(rows, index, start, output_relevance, tuple(out.shape))  # (K, B, N)
     explained = (start_grads * rows.detach()).sum(-1).T  # (B, K)
+    if not torch.isfinite(explained).all():
+        b, k = (~torch.isfinite(explained)).nonzero()[0].tolist()
+        raise TargetError(f"the model's output to explain is {float(explained[b, k])} "
+                          f"(sample {b}, target {k}): relevance of a NaN or Inf means nothing; "
+                          "the model computes it so without relprop (call it directly to see)")
     return Seeding(out, rows, index, multi, start_grads, explained)

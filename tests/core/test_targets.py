@@ -201,3 +201,15 @@ def test_a_0d_tensor_target_is_explained_in_chunks_like_an_int() -> None:
     chunked = relprop.explain(model, x, torch.tensor(2), composite="epsilon", batch_size=2)
     assert torch.equal(chunked.target, whole.target)
     torch.testing.assert_close(chunked.relevance, whole.relevance)
+
+
+def test_a_non_finite_output_is_refused_not_explained() -> None:
+    """A model that computes NaN for one sample (as Hugging Face's eager LLaMA does in
+    float64 with left padding) gets an error naming the sample, not a NaN heatmap."""
+
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.tensor([[1.0], [float("nan")]], dtype=x.dtype)
+
+    with pytest.raises(TargetError, match=r"nan \(sample 1, target 0\)"):
+        relprop.Explainer(Broken(), "epsilon")(torch.randn(2, 3), target=0)

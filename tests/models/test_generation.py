@@ -139,6 +139,18 @@ def test_generation_stops_at_the_end_token(generated) -> None:
     assert done.tokens.shape == (1, stops[0]) and done.lengths.tolist() == stops[:1]
 
 
+def test_non_finite_logits_stop_decoding_with_an_error() -> None:
+    """Hugging Face's eager LLaMA in float64 computes NaN for a left-padded prompt (its
+    additive mask overflows); decoding says so instead of writing argmax(NaN) = 0."""
+    model = ref.tiny_llama(0, "eager")
+    padded = torch.tensor([[2, 2, 2, 4, 5], [3, 7, 11, 20, 9]])
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        assert model(padded, attention_mask=mask).logits[0].isnan().any()  # the model's own
+    with pytest.raises(relprop.InputError, match="logits of sample 0 are not finite"):
+        relprop.explain_generation(model, padded, 2, attention_mask=mask)
+
+
 def test_contrast_is_the_difference_of_two_explanations(generated) -> None:
     model, gen = generated
     explainer = relprop.Explainer(model, "attnlrp")
