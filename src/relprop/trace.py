@@ -167,11 +167,9 @@ class TracedModel:
     index_inputs: frozenset[str] = frozenset()
     # keyword values explaining fixes (use_cache=False), fed like `constants`
     fixed: dict[str, Any] = field(default_factory=dict)
-    # torch.export: the input sizes past the batch it fixed (None: any)
+    # torch.export: the floating-point inputs' sizes past the batch it traced (None: fx);
+    # which sizes a trace serves: trace.sizes and trace.serves
     shapes: tuple[tuple[int, ...], ...] | None = None
-    # torch.export fixed sizes it was asked to leave free (a Python loop over the tokens,
-    # a guard on a length): every size of every tensor input it serves (full_shapes)
-    exact: tuple[tuple[int, ...], ...] | None = None
     # the user's model (torch.export's root is a new module without the original classes)
     model: nn.Module | None = None
 
@@ -330,67 +328,113 @@ def trace_export(model: nn.Module, example: tuple[torch.Tensor, ...],
     """Trace with torch.export on an example input (for data-dependent Python code).
 
     `keywords` are fed as constants at every call; the graph specialises on them
-    where the code branches on them."""
+    where the code branches on them. Sizes are left free where the code allows (the
+    batch, sequence lengths); the program serves the sizes it did not fix and its
+    guards admit (`serves`), and at least this example's: export specialises sizes 0
+    and 1, so a batch of one is traced as two first, then as itself, then with every
+    size fixed."""
     keywords = keywords or {}
     check_keywords(model, len(example), frozenset(keywords))
     fixed = _explaining_defaults(model, len(example), keywords)
+    kwargs = {**keywords, **fixed}
+    doubled, kw2 = _doubled(example), _doubled(kwargs, len(example[0]))
+    tries = [(doubled, kw2, True), (example, kwargs, True), (example, kwargs, False)]
+    if doubled is example:
+        del tries[0]
     try:
         with TRACE_LOCK, preserved(model, eval_mode=True):
-            kwargs = {**keywords, **fixed}
-            exact = None
-            try:  # every size free where the code allows (batch, sequence length, ...)
-                # export specialises sizes 0 and 1: a batch of one is traced as two
-                doubled, kw2 = _doubled(example), _doubled(kwargs, len(example[0]))
-                exported = torch.export.export(model, doubled, kwargs=kw2, strict=False,
-                                               dynamic_shapes=_free_sizes(doubled, kw2))
-                if _specialised(exported):  # traced on the doubled batch: not this input's
-                    raise _Specialised
-            except Exception:  # sizes the code specialises on: one program per shape
-                exported = torch.export.export(model, example, kwargs=kwargs, strict=False)
-                exact = full_shapes(example, kwargs)
-            module = exported.module()
+            for i, (args, kw, free) in enumerate(tries):
+                try:
+                    exported = torch.export.export(
+                        model, args, kwargs=kw, strict=False,
+                        dynamic_shapes=_free_sizes(args, kw) if free else None)
+                except Exception:  # sizes the code specialises on: the next try fixes more
+                    if i == len(tries) - 1:
+                        raise
+                    continue
+                traced = _traced(exported, model, example, keywords, fixed)
+                # the doubled batch fixed at 2, or a guard the doubled sizes pass and this
+                # input's fail (SigLIP's `N % (B * N) != 0` at a batch of one)
+                if i == len(tries) - 1 or serves(traced, example, keywords):
+                    return traced
     except Exception as exc:
         raise TraceError(
             f"neither torch.fx nor torch.export could trace {type(model).__name__}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+def _traced(exported: Any, model: nn.Module, example: tuple[torch.Tensor, ...],
+            keywords: dict[str, Any], fixed: dict[str, Any]) -> TracedModel:
+    """The TracedModel of an ExportedProgram: its placeholders past the explained inputs
+    are the keywords', then the explaining fixes'."""
+    module = exported.module()
     holders = [n for n in module.graph.nodes if n.op == "placeholder"]
     constants = {n.name: k for n, k in zip(holders[len(example):], [*keywords, *fixed],
                                            strict=False)}
     return TracedModel(graph=module.graph, root=module, method="export", constants=constants,
-                       model=model, fixed=fixed, shapes=input_shapes(example), exact=exact)
+                       model=model, fixed=fixed, shapes=input_shapes(example))
 
 
-class _Specialised(Exception):
-    """torch.export fixed a size it was asked to leave free."""
+def _placeholder_values(traced: TracedModel, inputs: tuple[Any, ...],
+                        keywords: dict[str, Any] | None) -> dict[str, Any]:
+    """Placeholder name -> the value a run feeds it: the inputs in order, the constants
+    by parameter name (as Program.run feeds them)."""
+    values: dict[str, Any] = {}
+    feed = iter(inputs)
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            name = traced.constants.get(node.name)
+            values[node.name] = next(feed, None) if name is None else \
+                (keywords or {}).get(name, traced.fixed.get(name))
+    return values
 
 
-def _specialised(exported: Any) -> bool:
-    """Whether export fixed a size it was asked to leave free: a user input's size that
-    came out a constant where Dim.AUTO asked for a symbol (the batch of every input is
-    free, so a constant there is always a specialisation; other sizes are checked for
-    integer tensors, token ids and masks, whose every size was freed)."""
+def sizes(traced: TracedModel) -> tuple[tuple[str, tuple[int | None, ...]], ...] | None:
+    """The sizes an export trace serves, per tensor placeholder: an int where export
+    fixed the size (a loop over the tokens, a size of one, an image's size), None where
+    it left it free; None for an fx trace (every size)."""
+    if traced.method != "export":
+        return None
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-    signature = exported.graph_signature
-    users = set(signature.user_inputs)
-    for node in exported.graph.nodes:
-        if node.op != "placeholder" or node.name not in users:
-            continue
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor) or val.dim() == 0:
-            continue
-        dims = range(val.dim()) if not val.is_floating_point() else range(1)
-        if any(is_concrete_int(val.shape[d]) for d in dims):
-            return True
-    return False
+    out = []
+    for node in traced.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            out.append((node.name, tuple(int(d) if is_concrete_int(d) else None
+                                         for d in val.shape)))
+    return tuple(out)
 
 
-def full_shapes(inputs: tuple[Any, ...], keywords: dict[str, Any] | None = None
-                ) -> tuple[tuple[int, ...], ...]:
-    """Every size of every tensor input, positional and keyword, the batch included."""
-    return tuple(tuple(t.shape) for t in (*inputs, *(keywords or {}).values())
-                 if isinstance(t, torch.Tensor))
+def serves(traced: TracedModel, inputs: tuple[Any, ...],
+           keywords: dict[str, Any] | None = None) -> bool:
+    """Whether a trace serves these inputs: an fx trace every size; an export trace the
+    sizes it fixed (`sizes`), any size it left free, where its guards hold.
+
+    The guards are torch.export's `_guards_fn`, which the program runs first: a trace
+    with free sizes holds for the sizes its guards admit, not for every size (SigLIP's
+    attention-pooling head guards `N % (B * N) != 0` for N patches, which a batch of
+    one fails)."""
+    if traced.method != "export":
+        return True
+    values = _placeholder_values(traced, inputs, keywords)
+    for name, dims in sizes(traced) or ():
+        value = values.get(name)
+        if not isinstance(value, torch.Tensor) or value.dim() != len(dims) or any(
+                d is not None and d != n for d, n in zip(dims, value.shape, strict=True)):
+            return False
+    guard = next((n for n in traced.graph.nodes if n.op == "call_module"
+                  and str(n.target) == "_guards_fn"), None)
+    if guard is None:
+        return True
+    try:
+        attribute(traced.root, "_guards_fn")(
+            *fx.node.map_arg(guard.args, lambda n: values.get(n.name)))
+    except AssertionError:
+        return False
+    return True
 
 
 def input_shapes(inputs: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
@@ -419,12 +463,13 @@ def _free_sizes(example: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, 
     """torch.export's dynamic_shapes: Dim.AUTO for the batch size of every tensor and for
     every size of token ids and keyword tensors (sequence lengths, masks); the other
     sizes of floating-point inputs (an image's) stay fixed: freeing them all makes
-    exporting a Swin Transformer 20 times slower. (TracedModel.shapes records them.)"""
+    exporting a Swin Transformer 20 times slower. (TracedModel.shapes records them.)
+    Sizes 0 and 1 stay fixed: export would fix them anyway (and warn)."""
     def free(v: Any, every: bool) -> Any:
         if isinstance(v, torch.Tensor):
             dims = range(v.dim()) if every or not v.is_floating_point() else range(min(
                 v.dim(), 1))
-            return {d: torch.export.Dim.AUTO for d in dims}
+            return {d: torch.export.Dim.AUTO for d in dims if v.shape[d] > 1}
         return None
 
     return (*(free(v, False) for v in example), *(free(v, True) for v in kwargs.values()))

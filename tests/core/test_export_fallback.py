@@ -126,3 +126,48 @@ def test_a_trace_fixed_to_one_length_is_traced_again_for_another() -> None:
         torch.testing.assert_close(got.relevance.sum(1), got.explained - model.fc.bias[1],
                                    rtol=1e-9, atol=1e-12)
     assert explainer.describe(torch.randint(0, 20, (1, 7))).traced == "export"
+
+
+class BatchGuard(nn.Module):
+    """A branch on sizes that export cannot decide for every batch: it guards it (as
+    SigLIP's attention-pooling head's `N % (B * N) != 0`, N patches), and a batch of one
+    fails that guard. Both branches compute the same sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(20, 6), nn.Linear(6, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        batch, half = ids.shape[0], ids.shape[1] // 2
+        if half % (batch * half) != 0:  # several rows
+            return self.fc(h.reshape(-1, 6)).reshape(batch, -1, 4).sum(1)
+        return self.fc(h[0]).sum(0, keepdim=True)
+
+
+def test_a_batch_its_guards_fail_is_traced_again_with_every_other_size_free() -> None:
+    """A trace at batch 2 does not serve batch 1 (its guard fails there): batch 1 gets a
+    program of its own (the batch fixed at 1, the length free), traced once for every
+    length; batch 3 is the first program's. Each equals the batch's rows explained alone."""
+    from relprop.trace import serves, sizes
+
+    torch.manual_seed(0)
+    model = BatchGuard().double().eval()
+    explainer = relprop.Explainer(model, "lrp0", record=True)
+    ids = torch.randint(0, 20, (3, 8))
+    several = explainer(ids[:2], target=1, record=False)
+    (first,) = explainer._programs.values()
+    assert sizes(first.traced) == (("ids", (None, None)),)
+    assert not serves(first.traced, (ids[:1],)) and serves(first.traced, (ids,))
+    for length in (8, 4, 6):
+        one = explainer(ids[:1, :length], target=1)  # recorded: the ledger balances
+        torch.testing.assert_close(one.output, model(ids[:1, :length]), rtol=0, atol=1e-12)
+        torch.testing.assert_close(one.relevance.sum(1), one.explained - model.fc.bias[1]
+                                   * length, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(explainer(ids[:1], target=1).relevance, several.relevance[:1],
+                               rtol=0, atol=1e-12)
+    recorded = explainer(ids[:2], target=1)  # record=True: one row at a time, at batch 1
+    torch.testing.assert_close(recorded.relevance, several.relevance, rtol=0, atol=1e-12)
+    explainer(ids, target=1, record=False)
+    programs = list(explainer._programs.values())
+    assert len(programs) == 2 and sizes(programs[1].traced) == (("ids", (1, None)),)

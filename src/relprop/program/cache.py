@@ -19,18 +19,11 @@ from torch import Tensor, nn
 
 from ..composites import Composite
 from ..errors import InputError, RelpropError, TraceError, UnsupportedOperationError
-from ..trace import (
-    TRACE_LOCK,
-    TracedModel,
-    full_shapes,
-    input_shapes,
-    preserved,
-    trace_export,
-    trace_fx,
-)
+from ..trace import TRACE_LOCK, TracedModel, preserved, serves, sizes, trace_export, trace_fx
 from .run import Program
 
-# (positional inputs, keyword names, positions of token-id inputs[, sizes for export])
+# (positional inputs, keyword names, positions of token-id inputs[, the sizes an export
+# trace serves (trace.sizes)[, a count where two serve alike]])
 Key = tuple[Any, ...]
 
 
@@ -85,26 +78,27 @@ class ProgramCache:
         More inputs than the graph takes: parameters with defaults were traced with
         their defaults, so trace again with them as inputs (once per input count);
         keyword inputs fed as constants (`forward_kwargs`) likewise become graph inputs,
-        once per set of names. An export trace serves its input sizes only.
+        once per set of names. An export trace serves the sizes it left free where its
+        guards hold, and those it fixed (trace.serves).
         """
         n, keywords = len(inputs), keywords or {}
         ids = frozenset(i for i, t in enumerate(inputs) if not t.is_floating_point())
-        shapes, exact = input_shapes(inputs), full_shapes(inputs, keywords)
         key = (n, frozenset(keywords), ids)
-        for k in (key, (*key, shapes), (*key, "exact", exact)):
-            program = self.programs.get(k)
-            if program is not None and _serves(program, shapes, exact):
+        for k, program in self.programs.items():
+            if k[:3] == key and serves(program.traced, inputs, keywords):
                 return program
         base = self.first
         if not keywords and not ids and base is not None and len(base.placeholders) >= n \
-                and _serves(base, shapes, exact):
+                and serves(base.traced, inputs, keywords):
             return base
         program = self._build(self._trace(inputs, keywords, ids), ids)
         if self.first is None and not keywords and not ids:
             self.first = program
-        traced = program.traced
-        self.programs[key if traced.shapes is None else (*key, "exact", exact)
-                      if traced.exact is not None else (*key, shapes)] = program
+        served = sizes(program.traced)
+        slot = key if served is None else (*key, served)
+        if slot in self.programs:  # the same sizes, whose guards these inputs fail
+            slot = (*slot, len(self.programs))
+        self.programs[slot] = program
         return program
 
     def _trace(self, inputs: tuple[Tensor, ...], keywords: dict[str, Any],
@@ -144,15 +138,6 @@ class ProgramCache:
                              "looks none of them up in an embedding; relevance needs a "
                              "floating-point input or token ids fed to an nn.Embedding")
         return program
-
-
-def _serves(program: Program, shapes: Any, exact: Any) -> bool:
-    """Whether a program serves inputs of these sizes: an export trace its fixed sizes
-    past the batch, or, where export had to fix more (`exact`), every size."""
-    traced = program.traced
-    if traced.exact is not None:
-        return traced.exact == exact
-    return traced.shapes in (None, shapes)
 
 
 @dataclass(frozen=True)
