@@ -1,10 +1,7 @@
 """SigLIP's pixels (issue 19): the vision tower's attention-pooling head,
-nn.MultiheadAttention as cross-attention from a learned probe, traced into.
-
-Pending a fix in relprop.passes.classify: the probe is repeated to the batch size
-(`probe.repeat(B, 1, 1)`), so its query counts as input-dependent and the scores
-q @ k^T take the bilinear rule, sending half their relevance to the probe (a leak of
-about 1e-3 of the logit at `bmm`).
+nn.MultiheadAttention as cross-attention from a learned probe, traced into (the probe
+repeated to the batch size is a constant: nothing leaks at its scores' product). A
+single image (batch 1, as record=True runs): tests/models/test_families_batch1.py.
 """
 
 from __future__ import annotations
