@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import targets
+from . import keyword_rows, targets
 from .composites import Composite, make_composite
 from .errors import InputError, NoLedgerError, RelpropError
 from .ledger import Ledger, build_ledger, per_sample
@@ -247,12 +247,12 @@ class Explainer:
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size}: must be at least 1")
         parts = []
+        rows = keyword_rows.per_row(self.model, inputs, forward_kwargs) \
+            if batch_size < total else set()  # which keywords go with the rows: a mask
         for lo in batches(total, batch_size, progress):
             sl = slice(lo, lo + batch_size)
             o = output_relevance[sl] if output_relevance is not None else None
-            # keyword tensors with one row per sample (a mask) are split with the batch
-            kw = {k: v[sl] if isinstance(v, Tensor) and v.dim() and v.shape[0] == total else v
-                  for k, v in forward_kwargs.items()}
+            kw = keyword_rows.split(forward_kwargs, rows, sl)
             parts.append(self.explain(tuple(x[sl] for x in inputs),
                                       targets.chunk(target, sl, total), output_relevance=o,
                                       start=start, record=record, forward_kwargs=kw,
