@@ -128,3 +128,33 @@ def test_mixtral_uniform_routing_runs_unchanged_with_padding() -> None:
     torch.testing.assert_close(got.output, want, rtol=0, atol=1e-5)
     padded = LEFT_PADDED == 0
     assert torch.all(got.relevance[padded] == 0) and torch.all(got.relevance[~padded] != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_experts_grouped_matmul_runs_as_relprops_twin(dtype: torch.dtype) -> None:
+    """transformers' grouped_mm fallback op, traced, runs as relprop::grouped_mm_fallback:
+    torch's grouped kernel in float32, the loop in float64; values and input gradients
+    bit for bit those of transformers' op (an empty group included), the weights'
+    gradient too where asked for."""
+    pytest.importorskip("transformers.integrations.moe")  # (registers transformers' op)
+    from relprop.rules.experts import grouped_mm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, dtype=dtype, generator=g)
+    w = torch.randn(4, 24, 16, dtype=dtype, generator=g).transpose(-2, -1)
+    offs = torch.tensor([10, 10, 25, 40], dtype=torch.int32)
+    grad = torch.randn(40, 24, dtype=dtype, generator=g)
+    got = []
+    for op in (torch.ops.transformers.grouped_mm_fallback, grouped_mm):
+        xr, wr = x.clone().requires_grad_(), w.detach().clone().requires_grad_()
+        y = op(xr, wr, offs)
+        y.backward(grad)
+        got.append((y, xr.grad, wr.grad))
+    for want, have in zip(*got, strict=True):
+        assert torch.equal(want, have)
+    model = fam.tiny_mixtral(0, "sdpa").to(dtype)
+    explainer = relprop.Explainer(model, "attnlrp")
+    explainer(IDS, target=4)
+    ops = {str(s.node.target) for p in explainer._programs.values() for s in p.steps}
+    assert "relprop.grouped_mm_fallback.default" in ops
+    assert not any(op.startswith("transformers.") for op in ops)

@@ -14,7 +14,7 @@ from .inplace import out_of_place
 from .masks import wrapped_attention_masks
 from .outputs import structured_output
 from .padding import normalize_padding
-from .routing import hold_choices, hold_routers
+from .routing import grouped_experts, hold_choices, hold_routers
 from .scan import hold_selection
 from .transformer import (
     attention_weights,
@@ -47,6 +47,7 @@ def canonize(graph: fx.Graph, root: nn.Module, functional: bool = True,
     grouped_query(graph)
     hold_choices(graph)  # discrete results; then MoE routers and Mamba's scan parameters
     hold_routers(graph, routing)
+    grouped_experts(graph)
     hold_selection(graph)
     hold_statistics(graph)
     dynamic = mark_dynamic(graph, constants, index_inputs)

@@ -20,6 +20,10 @@
 
 Held nodes are marked as held statistics are (`relprop_constant`), with the reason in
 `relprop_held`.
+
+- `grouped_experts`: the experts' grouped matmul of transformers' grouped_mm path, traced
+  as transformers' fallback op, runs as relprop's twin (relprop.rules.experts): the same
+  values, a backward that computes the input's gradient only.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from torch import fx
 
 from ..ops import is_op, meaning, node_args
+from ..rules.experts import grouped_mm
 
 # ops a router's scores may pass between the softmax and the choice, and its weights
 # between the choice and their renormalisation
@@ -107,3 +112,12 @@ def _renormalisers(topk: fx.Node) -> list[fx.Node]:
                     isinstance(user.args[1], fx.Node) and user.args[1] is not node:
                 found.append(user.args[1])
     return found
+
+
+def grouped_experts(graph: fx.Graph) -> None:
+    """transformers::grouped_mm_fallback -> relprop::grouped_mm_fallback (same schema)."""
+    for node in graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and \
+                target.namespace == "transformers" and target._opname == "grouped_mm_fallback":
+            node.target = grouped_mm._opoverload
