@@ -165,6 +165,8 @@ _ENTRIES: list[Op] = [
     _op("sub", P, functions=(operator.sub, torch.sub, operator.isub),
         methods=("sub", "sub_", "__sub__"), subtracts=True, binary_sum=True),
     _op("sum", P, functions=(torch.sum,), methods=("sum",), nonneg="preserve"),
+    # running sums (Mamba2's segment sums of A Delta): each output a sum of inputs
+    _op("cumsum", P, functions=(torch.cumsum,), methods=("cumsum",), nonneg="preserve"),
     _op("mean", P, functions=(torch.mean,), methods=("mean",), nonneg="preserve"),
     *(_op(f"avg_pool{d}d", P, functions=(getattr(F, f"avg_pool{d}d"),), nonneg="preserve")
       for d in (1, 2, 3)),
@@ -195,6 +197,9 @@ _ENTRIES: list[Op] = [
     # grouped_mm path): linear in x with a parameter weight, so its gradient is LRP-0
     # (attnlrp's linear rule, epsilon -> 0); its row offsets are held choices
     _op("grouped_mm", G, aten=("grouped_mm_fallback", "_grouped_mm"), product=True),
+    # a contraction of operands (Mamba2's chunked scan): linear in an operand while the
+    # others are constant (held scan parameters), so its gradient is LRP-0
+    _op("einsum", G, functions=(torch.einsum,), product=True),
     _op("neg", G, functions=(operator.neg, torch.neg), methods=("neg",), product=True),
     _op("scaled_dot_product_attention", Kind.ATTENTION,
         functions=(F.scaled_dot_product_attention,)),
@@ -209,6 +214,9 @@ _ENTRIES: list[Op] = [
     # relprop.passes.transformer.hold_statistics checks p); no rule otherwise
     _op("pow", None, functions=(torch.pow, operator.pow), methods=("pow", "__pow__"),
         statistic=True),
+    # limits (Mamba2's clamp of its step size Delta): known only inside held quantities
+    _op("clamp", None, functions=(torch.clamp, torch.clip), methods=("clamp", "clip"),
+        aten=("clamp", "clip")),
     # discrete results: positions, comparisons, counts; no relevance passes them (their
     # gradient is 0), so they are held constant where they depend on the input
     *(_op(n, None, functions=(getattr(torch, n),), methods=(n,), choice=True)
