@@ -4,7 +4,8 @@ Built from a recorded backward pass (record=True). For a linear-like layer the
 leak splits into what its bias absorbed, what its stabilizer absorbed and the
 rest ("other": relevance that landed on zero-valued inputs of rules that hand
 out relevance directly, or at z = 0 in gamma); for sums it is the stabilizer,
-or the constant summand (counted as bias) in x + c.
+or the constant summand (counted as bias) in x + c, and for a concatenation the
+constant piece (a class token) beside the input's.
 """
 
 from __future__ import annotations

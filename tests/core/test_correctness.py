@@ -283,3 +283,33 @@ def test_per_sample_zbox_bounds_refuse_a_different_batch_clearly() -> None:
     assert ex(x, target=1).relevance.shape == x.shape
     with pytest.raises(relprop.InputError, match=r"low= holds 6 samples but the batch has 2"):
         ex(x, target=1, batch_size=2)
+
+
+class _ClassToken(nn.Module):
+    """A constant class token joined to the input's tokens with `cat`, mixed in, pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, 4))
+        self.mix = nn.Linear(4, 4, bias=False)
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.token.expand(x.shape[0], -1, -1), x], 1)
+        return self.head(self.mix(h).sum(1))
+
+
+def test_a_constant_piece_of_a_cat_is_booked_as_a_bias() -> None:
+    """What reaches a class token joined by `cat` stays there: the ledger books it as the
+    constant's (bias), not as an unexplained leak ('other')."""
+    torch.manual_seed(0)
+    model = _ClassToken().double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    expl = relprop.Explainer(model, "lrp0", stabilizer=0.0, record=True)(x, target=1)
+    cat = expl.ledger["cat"]
+    assert float(cat.bias.abs().min()) > 1e-6  # the token took some
+    torch.testing.assert_close(cat.bias, cat.leaked, rtol=0, atol=1e-12)
+    totals = expl.ledger.totals()
+    assert float(totals["other"].abs().max()) < 1e-12
+    torch.testing.assert_close(expl.relevance.flatten(1).sum(1) + totals["bias"],
+                               expl.explained, rtol=0, atol=1e-12)

@@ -49,8 +49,6 @@ class Case:
     logit: Callable[[Any], torch.Tensor] | None = None
     bias_free: bool = False
     softmax: bool = True
-    # the explained row starts from a constant (CLIP's class token): see _balanced
-    constant_token: bool = False
 
 
 def _causal(build: Callable[[], torch.nn.Module], bias_free: bool = True,
@@ -93,7 +91,7 @@ FAMILIES: dict[str, Callable[[], Case]] = {
                                logit=lambda out: out.logits[:, 1]),
     "clip_text": _clip_text,
     "clip_image": lambda: Case(_Pixels(fam.tiny_clip(0, "sdpa"), CLIP_IDS), PIXELS, 1,
-                               logit=_per_image, constant_token=True),
+                               logit=_per_image),
     "siglip_text": _siglip_text,
     "siglip_pixels": lambda: Case(_Pixels(fam.tiny_siglip(0), IDS), PIXELS, 1,
                                   logit=_per_image),
@@ -104,33 +102,12 @@ FAMILIES: dict[str, Callable[[], Case]] = {
 DEFAULT = {"siglip_text"}
 
 
-def _balanced(model: torch.nn.Module, x: torch.Tensor, target: int,
-              forward_kwargs: dict[str, Any], logit: Callable[[Any], torch.Tensor],
-              **_: Any) -> relprop.Explanation:
-    """check_contract less its 'only the attention softmax leaks': CLIP's vision tower
-    prepends its class embedding (a constant) to the patches with `cat` and pools that
-    row, so much of the relevance ends at the constant, which the ledger books at `cat`
-    as 'other', not as a constant summand's 'bias'. Recorded: finite, the logit explained
-    exactly, and the ledger balanced."""
-    with torch.no_grad():
-        want = logit(model(x, **forward_kwargs))
-    expl = relprop.Explainer(model, "attnlrp", record=True)(x, target=target,
-                                                          forward_kwargs=forward_kwargs)
-    torch.testing.assert_close(expl.explained, want, rtol=0, atol=1e-10)
-    R = expl.relevance.flatten(1)
-    assert torch.isfinite(R).all() and (R.abs().sum(-1) > 0).all()
-    torch.testing.assert_close(expl.ledger.totals()["leaked"], expl.explained - R.sum(-1),
-                               rtol=0, atol=1e-9 * float(want.abs().max()))
-    return expl
-
-
 @pytest.mark.parametrize("name", [name if name in DEFAULT else pytest.param(
     name, marks=pytest.mark.slow) for name in FAMILIES])
 def test_batch_of_one_recorded_equals_its_row_in_a_batch_of_two(name: str) -> None:
     case = FAMILIES[name]()
     row = {k: v[:1] for k, v in case.rows.items()}
-    contract = _balanced if case.constant_token else check_contract
-    one = contract(
+    one = check_contract(
         case.model, case.x[:1], case.target, {**row, **case.shared},
         padded=row["attention_mask"] == 0 if case.padded else None,
         bias_free=case.bias_free, logit=case.logit, softmax=case.softmax)

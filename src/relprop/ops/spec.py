@@ -51,7 +51,7 @@ class OpSpec:
     pure_move: bool = False  # one-to-one rearrangement (reshape, permute, ...): invertible
     bn_eps: float = 1e-5  # BATCHNORM, or a LAYER with a BatchNorm folded in
     folded: str | None = None  # path of the BatchNorm folded into this LAYER
-    constant_summand: bool = False  # PROPORTIONAL with a constant term (absorbs like a bias)
+    constant_summand: bool = False  # a sum or cat with a constant term (absorbs like a bias)
     module: Any = None  # RECURRENT: the nn.LSTM / nn.GRU it runs
     signal: int | None = None  # signal * gate: the position of the signal (the gate is detached)
     weights: int | None = None  # BILINEAR: the operand holding attention weights (softmax)

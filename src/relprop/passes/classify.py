@@ -104,6 +104,12 @@ def classify_nodes(graph: fx.Graph, root: nn.Module, dynamic: set[fx.Node]) -> N
                 operands = node.args[:2]
                 s.constant_summand = any(not (isinstance(a, fx.Node) and a in dynamic) or
                                          a in shapes for a in operands)
+            if is_op(node, "cat", "stack") and node.args and \
+                    isinstance(node.args[0], list | tuple):
+                # a constant piece joined to the input's (ViT's class token) keeps the
+                # relevance that reaches it, as a bias does
+                s.constant_summand = any(not (isinstance(a, fx.Node) and a in dynamic) or
+                                         a in shapes for a in node.args[0])
             if s.product and sum(a in dynamic for a in node_args(node)) > 1:
                 _make_gated(node, s, dynamic)
         elif node in dynamic and node.op == "call_module":
