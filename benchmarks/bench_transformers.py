@@ -292,6 +292,8 @@ def saved(model_key: str, seq: int, batch: int) -> None:
     run = program.run(list(inputs))
     out = run.output
     out = getattr(out, "logits", out)
+    if isinstance(out, dict):  # a traced program's ModelOutput, flattened (torch.export)
+        out = out.get("logits", next(iter(out.values())))
     if not isinstance(out, torch.Tensor):
         out = out[0]
     show("relprop attnlrp", saved_by_node(out))
