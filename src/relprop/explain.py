@@ -103,7 +103,8 @@ class Explainer:
     """Explains one model with one composite; traces once, reused for every batch.
 
     Parameters of the composite (`epsilon`, `gamma`, `alpha`, `beta`, `low`,
-    `high`, `bias`, `top_k`, `stabilizer`) are keywords. `leaves` maps module
+    `high`, `bias`, `top_k`, `stabilizer`, `routing` for mixture-of-experts routers)
+    are keywords. `leaves` maps module
     paths to a rule family ("identity", "gradient", "proportional"): that
     submodule is one operation, not traced into (see relprop.registry). The model is never
     modified: no hooks, no parameter swaps, no change of train/eval mode.
