@@ -58,7 +58,7 @@ def hold_selection(graph: fx.Graph) -> set[fx.Node]:
         scan_input = _scaled_by_delta(node, dependent)
         if scan_input is None:
             continue
-        parameters = [p for p in scan_input.args[0].users if p is not scan_input]
+        parameters = [p for p in scan_input.args[0].users if p not in (scan_input, piece)]
         if parameters and _only_coefficients([piece, *parameters], scan_input):
             held.add(_hold_piece(graph, piece, "selective scan step size (Delta)"))
             held.update(_hold_piece(graph, p, "selective scan parameters (B, C)")
