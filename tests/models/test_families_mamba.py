@@ -74,3 +74,34 @@ def test_only_a_split_of_scan_parameters_is_held() -> None:
     held = hold_selection(torch.fx.symbolic_trace(_Selection(False)).graph)
     assert [n.name for n in held] == ["split"]
     assert hold_selection(torch.fx.symbolic_trace(_Selection(True)).graph) == set()
+
+
+class _ScatterWrite(torch.nn.Module):
+    """x with a slice (and one row) overwritten by another activation: the functional form
+    of an in-place write through a view (mambapy's parallel scan, functionalized)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 6, bias=False)
+        self.b = torch.nn.Linear(4, 6, bias=False)
+        self.head = torch.nn.Linear(6, 3, bias=False)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        a, b = self.a(u).view(-1, 3, 2), self.b(u).view(-1, 3, 2)
+        a = torch.slice_scatter(a, b[:, :2], dim=1, start=0, end=2)
+        a = torch.select_scatter(a, 2 * b[:, 2], dim=1, index=2)
+        return self.head(a.flatten(1))
+
+
+def test_a_scatter_write_is_a_move() -> None:
+    """select_scatter / slice_scatter: the written slice's relevance goes back to what was
+    written, the rest to the base; on a bias-free linear model the whole explanation is
+    then gradient x input (LRP-0), and the overwritten values of the base get none."""
+    torch.manual_seed(0)
+    model = _ScatterWrite().double()
+    u = torch.randn(2, 4, dtype=torch.float64)
+    got = relprop.Explainer(model, "attnlrp", record=True)(u, target=1)
+    x = u.clone().requires_grad_()
+    (g,) = torch.autograd.grad(model(x)[:, 1].sum(), x)
+    torch.testing.assert_close(got.relevance, g * u, rtol=0, atol=1e-12)
+    assert float(got.layers["a"].abs().max()) == 0  # every value of a was overwritten

@@ -137,6 +137,10 @@ _ENTRIES: list[Op] = [
     _op("gather", G, functions=(torch.gather, torch.take_along_dim),
         methods=("gather", "take_along_dim"), aten=("gather", "take_along_dim"), **_MOVE),
     _op("index", G, aten=("index",), **_MOVE),  # x[idx] with index tensors (export)
+    # a write of src into a slice of x (an in-place write through a view, functionalized:
+    # mambapy's parallel scan): the slice's relevance goes back to src, the rest to x
+    _op("slice_scatter", G, functions=(torch.select_scatter, torch.slice_scatter),
+        aten=("select_scatter", "slice_scatter"), **_MOVE),
     _op("index_select", G, functions=(torch.index_select,), methods=("index_select",),
         **_MOVE),
     # where(mask, value, x): relevance moves with the kept entries; the filled ones hold none
