@@ -114,6 +114,7 @@ def test_decoding_reads_one_new_token_per_step_from_the_cache() -> None:
     assert torch.equal(again, ids)
 
 
+@pytest.mark.parametrize("generated", ["gpt2"], indirect=True)  # decoding is the models' own
 def test_generation_stops_at_the_end_token(generated) -> None:
     """Sample 0's second token taken as the end token: each sample stops where it first
     writes it, padded as Hugging Face's generate pads; later rows hold 0, and every row
