@@ -101,3 +101,17 @@ def test_an_l2_normalisation_holds_the_norm(name: str) -> None:
 def test_a_square_on_the_relevance_path_has_no_rule() -> None:
     with pytest.raises(UnsupportedOperationError, match="pow"):
         _explain(lambda m, x: x ** 2, torch.randn(2, 5, dtype=D))
+
+
+def test_an_einsum_is_linear_in_its_one_input_dependent_operand() -> None:
+    """einsum with a constant operand is a linear layer: LRP-0 is gradient x input, and
+    nothing leaks; with two input-dependent operands it is refused by name."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, dtype=D, generator=gen)
+    x = torch.randn(2, 5, dtype=D, generator=gen)
+    expl = _explain(lambda m, x: torch.einsum("bi,ij->bj", x, w), x)
+    want = x * (w.sum(1))[None]  # output relevance = output: R_i = x_i * sum_j w_ij
+    torch.testing.assert_close(expl.relevance, want, rtol=0, atol=1e-12)
+    assert float(expl.ledger.totals()["leaked"].abs().max()) < 1e-12
+    with pytest.raises(UnsupportedOperationError, match="einsum of two or more"):
+        _explain(lambda m, x: torch.einsum("bi,bj->bij", x, x), x)

@@ -153,6 +153,12 @@ def _make_gated(node: fx.Node, s: OpSpec, dynamic: set[fx.Node]) -> None:
         s.product = False
         s.label = f"{s.label} (bilinear: uniform split)"
         return
+    if is_op(node, "einsum"):
+        raise UnsupportedOperationError(
+            f"einsum of two or more input-dependent operands at {node_location(node)}: "
+            "relprop explains an einsum linear in one input-dependent operand (the others "
+            "constant or held, as Mamba2's scan parameters are); write a product of two "
+            "activations as matmul or mul (the uniform bilinear rule)")
     if not is_mul or len(factors) != 2:
         raise UnsupportedOperationError(
             f"division of two input-dependent tensors at {node_location(node)}: relprop "
