@@ -34,10 +34,12 @@ browser:
 		|| sudo sh -c 'apt-get update -qq && apt-get install -y -qq chromium'; }
 
 # Two test processes (pytest-xdist), one thread each: most tests are small and run
-# Python-bound on one core, so two processes use both cores of a 2-core machine.
+# Python-bound on one core, so two processes use both cores of a 2-core machine. Whole
+# modules go to one process (--dist loadscope), so a module's fixtures (a traced model,
+# an oracle's subprocess run) are built once, not once per process.
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks scripts examples
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadscope --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -130,7 +130,8 @@ def test_mixtral_uniform_routing_runs_unchanged_with_padding() -> None:
     assert torch.all(got.relevance[padded] == 0) and torch.all(got.relevance[~padded] != 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64,
+                                                               marks=pytest.mark.slow)])
 def test_the_experts_grouped_matmul_runs_as_relprops_twin(dtype: torch.dtype) -> None:
     """transformers' grouped_mm fallback op, traced, runs as relprop::grouped_mm_fallback:
     torch's grouped kernel in float32, the loop in float64; values and input gradients

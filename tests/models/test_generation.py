@@ -152,6 +152,7 @@ def test_non_finite_logits_stop_decoding_with_an_error() -> None:
         relprop.explain_generation(model, padded, 2, attention_mask=mask)
 
 
+@pytest.mark.parametrize("generated", ["gpt2"], indirect=True)  # a target: any model
 def test_contrast_is_the_difference_of_two_explanations(generated) -> None:
     model, gen = generated
     explainer = relprop.Explainer(model, "attnlrp")
@@ -198,6 +199,7 @@ class _Spans(HTMLParser):
             self.generated[-1].append(int(a["data-n"]))
 
 
+@pytest.mark.parametrize("generated", ["gpt2"], indirect=True)  # views of the numbers
 def test_views(generated, tmp_path) -> None:
     Image = pytest.importorskip("PIL.Image")
     _, gen = generated
