@@ -26,6 +26,8 @@ rather than explained wrong.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import fx
 
@@ -101,19 +103,15 @@ def _scaled_by_delta(delta: fx.Node, dependent: set[fx.Node]) -> fx.Node | None:
     """The split piece Delta multiplies (through moves, casts and its clamp): the scan
     input x of Mamba2's x * Delta; None unless there is exactly one."""
     found: set[fx.Node] = set()
-    todo, seen = [delta], set()
-    while todo:
-        n = todo.pop()
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if is_op(user, *_DELTA_PASSES) and user.args and user.args[0] is n:
-                todo.append(user)
-            elif is_op(user, "mul") and len(user.args) == 2:
-                other = user.args[1] if user.args[0] is n else user.args[0]
-                if isinstance(other, fx.Node) and other in dependent:
-                    found.add(_moved_from(other))
+
+    def passes(n: fx.Node, user: fx.Node) -> bool:
+        return is_op(user, *_DELTA_PASSES) and bool(user.args) and user.args[0] is n
+
+    for n, user in _reached([delta], passes):
+        if not passes(n, user) and is_op(user, "mul") and len(user.args) == 2:
+            other = user.args[1] if user.args[0] is n else user.args[0]
+            if isinstance(other, fx.Node) and other in dependent:
+                found.add(_moved_from(other))
     pieces = [f for f in found if f is not None and _is_piece(f)]
     return pieces[0] if len(found) == 1 and len(pieces) == 1 else None
 
@@ -122,25 +120,13 @@ def _only_coefficients(pieces: list[fx.Node], x: fx.Node) -> bool:
     """What the pieces compute reaches the output only as a factor of a product with what
     x computes: coefficients of the scan, linear in x once they are held, never a term of
     their own (which holding them would silently drop)."""
-    carries, todo = {x}, [x]
-    while todo:  # what depends on x
-        for user in todo.pop().users:
-            if user not in carries:
-                carries.add(user)
-                todo.append(user)
-    todo, seen = list(pieces), set(pieces)
-    while todo:
-        n = todo.pop()
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.op == "output":
-                return False
-            if not (is_op(user, "mul", "einsum", "matmul") and
-                    any(a in carries for a in node_args(user) if a is not n)):
-                todo.append(user)
-    return True
+    carries = {x} | {user for _, user in _reached([x], lambda n, u: True)}
+
+    def term(n: fx.Node, user: fx.Node) -> bool:  # not a factor of a product with x
+        return not (is_op(user, "mul", "einsum", "matmul") and
+                    any(a in carries for a in node_args(user) if a is not n))
+
+    return not any(user.op == "output" for _, user in _reached(pieces, term))
 
 
 def _moved_from(node: fx.Node) -> fx.Node:
@@ -153,16 +139,25 @@ def _moved_from(node: fx.Node) -> fx.Node:
 
 def _feeds_layer(node: fx.Node) -> bool:
     """`node` reaches a linear or convolution layer through moves (views, casts)."""
-    todo, seen = [node], set()
+    def moves(n: fx.Node, user: fx.Node) -> bool:
+        what = meaning(user)
+        return what is not None and (what.pure_move or what.view or what.name == "cast")
+
+    return any((what := meaning(user)) is not None and what.kind is Kind.LAYER
+               for _, user in _reached([node], moves))
+
+
+def _reached(starts: list[fx.Node],
+             follow: Callable[[fx.Node, fx.Node], bool]) -> Iterator[tuple[fx.Node, fx.Node]]:
+    """(node, user) for each user reached from `starts`, once, walking on through the
+    users `follow(node, user)` accepts."""
+    todo, seen = list(starts), set(starts)
     while todo:
         n = todo.pop()
         for user in n.users:
             if user in seen:
                 continue
             seen.add(user)
-            what = meaning(user)
-            if what is not None and what.kind is Kind.LAYER:
-                return True
-            if what is not None and (what.pure_move or what.view or what.name == "cast"):
+            yield n, user
+            if follow(n, user):
                 todo.append(user)
-    return False
