@@ -167,9 +167,6 @@ class TracedModel:
     index_inputs: frozenset[str] = frozenset()
     # keyword values explaining fixes (use_cache=False), fed like `constants`
     fixed: dict[str, Any] = field(default_factory=dict)
-    # torch.export: the floating-point inputs' sizes past the batch it traced (None: fx);
-    # which sizes a trace serves: trace.sizes and trace.serves
-    shapes: tuple[tuple[int, ...], ...] | None = None
     # the user's model (torch.export's root is a new module without the original classes)
     model: nn.Module | None = None
 
@@ -374,7 +371,7 @@ def _traced(exported: Any, model: nn.Module, example: tuple[torch.Tensor, ...],
     constants = {n.name: k for n, k in zip(holders[len(example):], [*keywords, *fixed],
                                            strict=False)}
     return TracedModel(graph=module.graph, root=module, method="export", constants=constants,
-                       model=model, fixed=fixed, shapes=input_shapes(example))
+                       model=model, fixed=fixed)
 
 
 def _placeholder_values(traced: TracedModel, inputs: tuple[Any, ...],
@@ -383,11 +380,10 @@ def _placeholder_values(traced: TracedModel, inputs: tuple[Any, ...],
     by parameter name (as Program.run feeds them)."""
     values: dict[str, Any] = {}
     feed = iter(inputs)
-    for node in traced.graph.nodes:
-        if node.op == "placeholder":
-            name = traced.constants.get(node.name)
-            values[node.name] = next(feed, None) if name is None else \
-                (keywords or {}).get(name, traced.fixed.get(name))
+    for node in traced.graph.find_nodes(op="placeholder"):
+        name = traced.constants.get(node.name)
+        values[node.name] = next(feed, None) if name is None else \
+            (keywords or {}).get(name, traced.fixed.get(name))
     return values
 
 
@@ -400,8 +396,8 @@ def sizes(traced: TracedModel) -> tuple[tuple[str, tuple[int | None, ...]], ...]
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     out = []
-    for node in traced.graph.nodes:
-        val = node.meta.get("val") if node.op == "placeholder" else None
+    for node in traced.graph.find_nodes(op="placeholder"):  # indexed: runs every call
+        val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             out.append((node.name, tuple(int(d) if is_concrete_int(d) else None
                                          for d in val.shape)))
@@ -425,8 +421,7 @@ def serves(traced: TracedModel, inputs: tuple[Any, ...],
         if not isinstance(value, torch.Tensor) or value.dim() != len(dims) or any(
                 d is not None and d != n for d, n in zip(dims, value.shape, strict=True)):
             return False
-    guard = next((n for n in traced.graph.nodes if n.op == "call_module"
-                  and str(n.target) == "_guards_fn"), None)
+    guard = next(iter(traced.graph.find_nodes(op="call_module", target="_guards_fn")), None)
     if guard is None:
         return True
     try:
@@ -435,12 +430,6 @@ def serves(traced: TracedModel, inputs: tuple[Any, ...],
     except AssertionError:
         return False
     return True
-
-
-def input_shapes(inputs: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
-    """The sizes past the batch of the floating-point inputs: what an export trace fixes."""
-    return tuple(tuple(t.shape[1:]) for t in inputs
-                 if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def _doubled(values: Any, batch: int | None = None) -> Any:
@@ -463,7 +452,7 @@ def _free_sizes(example: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, 
     """torch.export's dynamic_shapes: Dim.AUTO for the batch size of every tensor and for
     every size of token ids and keyword tensors (sequence lengths, masks); the other
     sizes of floating-point inputs (an image's) stay fixed: freeing them all makes
-    exporting a Swin Transformer 20 times slower. (TracedModel.shapes records them.)
+    exporting a Swin Transformer 20 times slower (`sizes` reads what a trace fixed).
     Sizes 0 and 1 stay fixed: export would fix them anyway (and warn)."""
     def free(v: Any, every: bool) -> Any:
         if isinstance(v, torch.Tensor):

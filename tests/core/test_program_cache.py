@@ -11,6 +11,7 @@ from torch import nn
 import relprop
 from relprop.composites import make_composite
 from relprop.program.cache import ProgramCache
+from relprop.trace import sizes
 
 
 class Net(nn.Module):
@@ -66,7 +67,8 @@ def test_fx_failure_falls_back_to_export_on_the_first_input_per_size() -> None:
     assert program.traced.method == "export" and cache.first is program
     assert cache.get((torch.randn(5, 3, 6, 6),)) is program  # the batch size is free
     other = cache.get((torch.randn(2, 3, 8, 8),))  # export fixed the image size
-    assert other is not program and other.traced.shapes == ((3, 8, 8),)
+    assert other is not program
+    assert [dims for _, dims in sizes(other.traced)] == [(None, 3, 8, 8)]
     assert cache.get((torch.randn(1, 3, 8, 8),)) is other
     assert len(cache.programs) == 2
 
