@@ -35,7 +35,7 @@ from .errors import InputError
 from .explain import Explainer, Explanation
 from .trace import preserved
 
-__all__ = ["Generation", "explain_generation", "generate_explained", "greedy"]
+__all__ = ["Generation", "explain_generation", "generate_explained", "greedy", "mask_keywords"]
 
 
 @dataclass
@@ -126,7 +126,7 @@ def generate_explained(explainer: Explainer, input_ids: Tensor, max_new_tokens: 
                                 eos_token_id, pad_token_id)
     B, P, T = ids.shape[0], input_ids.shape[-1], ids.shape[1]
     N = T - P
-    kw = _keywords(explainer.model, mask)
+    kw = mask_keywords(explainer.model, mask)
     wanted = [[(P - 1 + n, int(t)) for n, t in enumerate(row)] for row in ids[:, P:].tolist()]
     expl = explainer(ids, target=wanted, forward_kwargs=kw)
     rel = expl.relevance.reshape(B, N, T)
@@ -168,7 +168,7 @@ def greedy(model: nn.Module, input_ids: Tensor, max_new_tokens: int,
     cached = cache_keyword is not None
     with preserved(model, eval_mode=True):
         for step in range(max_new_tokens):
-            kw = _keywords(model, mask)
+            kw = mask_keywords(model, mask)
             fed = ids
             if cached:
                 kw["use_cache"] = True
@@ -222,7 +222,7 @@ def _returned_cache(out: Any) -> Any:
     return next((out[k] for k in ("cache", "past_key_values") if out.get(k) is not None), None)
 
 
-def _keywords(model: nn.Module, mask: Tensor | None) -> dict[str, Any]:
+def mask_keywords(model: nn.Module, mask: Tensor | None) -> dict[str, Any]:
     """The forward's keywords for a mask: the mask, and position ids where it pads."""
     if mask is None:
         return {}

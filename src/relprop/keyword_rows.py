@@ -36,10 +36,9 @@ def per_row(model: nn.Module, inputs: tuple[Tensor, ...], keywords: dict[str, An
     whole = _output(model, inputs, keywords, set(), None)
     want = whole[first] if whole is not None else None
     decided = set(aligned)
+    shared = _output(model, inputs, keywords, aligned, first)  # every unsure one whole
     for name in unsure:
-        split = _output(model, inputs, keywords, aligned | {name}, first)
-        shared = _output(model, inputs, keywords, aligned, first)
-        if _same(split, want):
+        if _same(_output(model, inputs, keywords, aligned | {name}, first), want):
             decided.add(name)
         elif not _same(shared, want):
             raise InputError(

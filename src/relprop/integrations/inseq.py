@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import InputError, MissingDependencyError
 from ..explain import Explainer
-from ..generation import _keywords
+from ..generation import mask_keywords
 
 try:
     from inseq.attr.attribution_decorators import set_hook, unset_hook
@@ -93,8 +93,8 @@ class RelpropAttribution(FeatureAttribution):
         position = ids.shape[1] - 1
         wanted = [(position, int(t)) for t in target_ids.reshape(-1).tolist()]
         # a mask of ones changes nothing: without it, the program explain_generation uses
-        keywords = {} if mask is None or bool(mask.all()) else _keywords(self.explainer.model,
-                                                                           mask)
+        keywords = {} if mask is None or bool(mask.all()) else \
+            mask_keywords(self.explainer.model, mask)
         expl = self.explainer(ids, target=wanted, forward_kwargs=keywords)
         relevance: Tensor = expl.relevance
         return CoarseFeatureAttributionStepOutput(source_attributions=None,
